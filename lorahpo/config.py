@@ -1,0 +1,411 @@
+"""Experiment configuration: one frozen dataclass per section, loaded from YAML, overridden by dotted KEY=VALUE.
+
+Everything downstream reads only an `ExperimentConfig`. A trial of the sweep is the base config plus a dict of dotted
+overrides (`{"train.lr": 3e-4, "lora.r": 8}`), so the CLI, Tune trials and re-running `best_config.yaml` share
+`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Per-epoch validation metrics and their direction. The tuning metric is the running best of `train.metric`
+# ("best_" + name): Optuna is told a trial's LAST reported value, so a running best lets TPE learn from each trial's
+# best epoch and lets ASHA compare like with like.
+METRICS: dict[str, Literal["min", "max"]] = {
+    "val_fbeta": "max",
+    "val_f1": "max",
+    "val_accuracy": "max",
+    "val_loss": "min",
+}
+FBETA_BETA = 3.0  # recall weighs 3x precision: a missed positive (spam, fraud, ...) costs more than a false alarm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None
+    """CSV, TSV, JSONL or Parquet file; None means the bundled SMS Spam Collection."""
+    text_column: str = "text"
+    label_column: str = "label"
+    positive_label: str | None = None
+    """Binary tasks: the class F-beta is computed for (and `train.class_weight` applies to). None: the second label
+    in sorted order (1 for 0/1 labels)."""
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    """train/val/test fractions. The test split is scored once, for the best trial, at the end of a sweep."""
+    max_examples: int | None = None
+    """Stratified, seeded subsample of the whole data set before splitting (CPU budgets); None keeps all."""
+    max_length: int = 64
+    """Token budget per text; longer texts are truncated and counted in the data report."""
+
+    def __post_init__(self) -> None:
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise UserError(
+                f"data.split={list(self.split)} must be three non-negative train/val/test fractions that add up to 1 "
+                "(e.g. data.split=[0.7,0.15,0.15])"
+            )
+        if self.split[0] <= 0 or self.split[1] <= 0:
+            raise UserError(f"data.split={list(self.split)}: train and val fractions must be > 0")
+        if self.max_length < 2:
+            raise UserError(f"data.max_length={self.max_length} must be >= 2")
+        if self.max_examples is not None and self.max_examples < 10:
+            raise UserError(f"data.max_examples={self.max_examples} must be >= 10 (or null for all)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """Hugging Face hub id, local directory, or a built-in: `smollm2-135m` (embedded default), `tiny-random-llama`."""
+    num_layers: int | None = None
+    """Keep only the first K decoder layers (CPU budgets); None keeps all."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    """Runs code from the model repository; only for repositories you trust."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin the weights a paper reports."""
+
+    def __post_init__(self) -> None:
+        if self.num_layers is not None and self.num_layers < 1:
+            raise UserError(f"model.num_layers={self.num_layers} must be >= 1 (or null for all layers)")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    """Scaling is alpha / r; kept explicit (the predecessor silently hard-coded it)."""
+    dropout: float = 0.05
+    last_n: int = 2
+    """LoRA goes on the last N decoder layers only; the layers below stay frozen and identical across trials."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserError(f"lora.r={self.r} must be >= 1")
+        if self.last_n < 1:
+            raise UserError(f"lora.last_n={self.last_n} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise UserError("lora.target_modules is empty; name at least one module, e.g. [q_proj,v_proj]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_epochs: int = 3
+    warmup_ratio: float = 0.1
+    """Linear warmup over this fraction of all steps, then linear decay to 0."""
+    class_weight: float = 1.0
+    """Binary: cross-entropy weight of the positive class (negatives weigh 1). Multi-class: ignored; classes are
+    weighted by inverse frequency (mean weight 1)."""
+    patience: int = 2
+    """Early stopping: epochs without improvement of `train.metric` before a trial stops."""
+    metric: str = "val_fbeta"
+    """Per-epoch metric for early stopping and the best checkpoint; the sweep tunes its running best."""
+    mode: Literal["min", "max"] = "max"
+    num_threads: int | None = None
+    """torch CPU threads; None: the trial's CPU share (`sweep.cpus_per_trial`)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise UserError(f"train.lr={self.lr} must be > 0")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+            raise UserError("train.batch_size, train.max_epochs and train.patience must each be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.class_weight <= 0:
+            raise UserError(f"train.class_weight={self.class_weight} must be > 0")
+        if self.metric not in METRICS:
+            raise UserError(f"train.metric={self.metric!r} is not a metric; choose one of {sorted(METRICS)}")
+        if self.mode != METRICS[self.metric]:
+            raise UserError(f"train.mode={self.mode!r} contradicts {self.metric} (set train.mode={METRICS[self.metric]})")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space entry, keyed in the config by the dotted path it overrides (e.g. `train.lr`)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "lora_sweep"
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    cpus_per_trial: float = 2.0
+    gpus_per_trial: float = 0.0
+    """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
+    storage_path: str = "results"
+    """Local directory, NFS path shared by all nodes, or s3://bucket/prefix. Relative paths are made absolute."""
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint (MinIO, moto, ...), e.g. http://127.0.0.1:9000; None uses AWS."""
+    searcher: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = 4
+    """TPE samples at random for this many trials before it models the space."""
+    points_to_evaluate: tuple[dict[str, Any], ...] = ()
+    """Configs tried first (e.g. a sensible untuned default as trial 0), as dotted-key dicts."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 1
+    """Retries of a failed trial, each from its last checkpoint."""
+    num_to_keep: int = 2
+    """Checkpoints kept per trial (its best and its latest, for resume)."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise UserError(f"sweep.gpus_per_trial={self.gpus_per_trial}: above 1, use a whole number of GPUs")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
+        if self.max_failures < 0 or self.num_to_keep < 1:
+            raise UserError("sweep.max_failures must be >= 0 and sweep.num_to_keep >= 1")
+        if not self.name or "/" in self.name:
+            raise UserError(f"sweep.name={self.name!r} must be a non-empty name without '/'")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 42
+    """Root seed: the searcher's sampler and every trial (seeded before its model is built) derive from it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    search: dict[str, ParamSpec] = field(default_factory=dict)
+    """Search space keyed by dotted config path."""
+
+    def __post_init__(self) -> None:
+        if self.seed is None or self.seed < 0:
+            raise UserError(f"seed={self.seed} must be a non-negative integer")
+        for key, spec in self.search.items():
+            _validate_spec(key, spec)
+
+
+def tuning_metric(cfg: ExperimentConfig) -> str:
+    """The metric the sweep optimises: the per-trial running best of `train.metric`."""
+    return f"best_{cfg.train.metric}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading, overrides, dumping
+
+
+def valid_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a config of this class accepts (sections expanded)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown(key: str, candidates: list[str]) -> UserError:
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(candidates)}"
+    return UserError(f"unknown config key {key!r}: {hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the declared field type, or raise a UserError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}={value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise UserError(f"{key}={list(value)} must have {len(args)} entries")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise UserError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
+            raise UserError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # YAML reads `1e-4` (no dot) as a string
+        except (TypeError, ValueError):
+            raise UserError(f"{key}={value!r} must be a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{key}={value!r} must be a string")
+        return str(value)
+    if origin is dict or tp is Any:
+        return value
+    return value
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown(f"{prefix}{key}", valid_keys(cls, prefix))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        elif key == "search" and cls is ExperimentConfig:
+            kwargs[key] = _build_search(value or {})
+        elif key == "points_to_evaluate":
+            kwargs[key] = tuple(dict(p) for p in (value or ()))
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _build_search(raw: dict[str, Any]) -> dict[str, ParamSpec]:
+    if not isinstance(raw, dict):
+        raise UserError("search must map dotted config keys to {type: ..., ...} entries")
+    space = {}
+    for key, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise UserError(f"search.{key} must be a mapping like {{type: float, low: 1e-4, high: 1e-3, log: true}}")
+        space[key] = _build(ParamSpec, spec, f"search.{key}.")
+    return space
+
+
+def _validate_spec(key: str, spec: ParamSpec) -> None:
+    tunable = [k for k in valid_keys() if not k.startswith(("sweep.", "search")) and k != "seed"]
+    if key not in tunable:
+        raise _unknown(f"search.{key}", tunable)
+    if spec.type == "categorical":
+        if not spec.choices:
+            raise UserError(f"search.{key}: categorical with an empty choice list; give at least one choice")
+        return
+    if spec.low is None or spec.high is None:
+        raise UserError(f"search.{key}: {spec.type} needs low and high")
+    if spec.low > spec.high:
+        raise UserError(f"search.{key}: low={spec.low} is above high={spec.high}; swap them")
+    if spec.log and spec.low <= 0:
+        raise UserError(f"search.{key}: a log scale needs low > 0 (got low={spec.low})")
+    if spec.type == "int" and (spec.low != int(spec.low) or spec.high != int(spec.high)):
+        raise UserError(f"search.{key}: int bounds must be whole numbers")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dict (lists, no tuples), the same shape as the YAML files."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    d = dataclasses.asdict(cfg)
+    d["search"] = {k: {a: b for a, b in dataclasses.asdict(s).items() if b is not None} for k, s in cfg.search.items()}
+    return plain(d)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (default: configs/default.yaml) and apply dotted overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist (pass --config PATH to an existing YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = _build(ExperimentConfig, raw)
+    return apply_overrides(cfg, overrides or {})
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> {key: value}; values parsed as YAML so `lr=1e-3`, `split=[0.7,0.3,0]` work."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | dict[str, Any]) -> ExperimentConfig:
+    """Return a copy of `cfg` with dotted overrides applied (validated like the YAML)."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    raw = to_dict(cfg)
+    keys = valid_keys()
+    for key, value in overrides.items():
+        if key == "search" or key.startswith("search."):
+            raise UserError(f"{key}: the search space is set in the config file, not on the command line")
+        if key not in keys:
+            raise _unknown(key, keys)
+        *sections, leaf = key.split(".")
+        node = raw
+        for s in sections:
+            node = node[s]
+        node[leaf] = value
+    return _build(ExperimentConfig, raw)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write a config that `load_config` reads back to an equal object."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

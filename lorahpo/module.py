@@ -1,0 +1,93 @@
+"""LightningModule: class-weighted cross-entropy, pinned metrics (accuracy, macro-F1, F-beta beta=3), AdamW + warmup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchmetrics.classification import BinaryAccuracy, BinaryFBetaScore, MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassFBetaScore
+from transformers import get_linear_schedule_with_warmup
+
+from lorahpo.config import FBETA_BETA, TrainConfig
+from lorahpo.repro import epoch_seed
+
+
+def make_metrics(num_labels: int, prefix: str) -> torchmetrics.MetricCollection:
+    """Binary: accuracy, macro-F1 over both classes, F-beta of the positive class (index 1).
+    Multi-class: accuracy, macro-F1, macro F-beta."""
+    if num_labels == 2:
+        metrics = {"accuracy": BinaryAccuracy(), "f1": MulticlassF1Score(2, average="macro"),
+                   "fbeta": BinaryFBetaScore(beta=FBETA_BETA)}
+    else:
+        metrics = {"accuracy": MulticlassAccuracy(num_labels, average="micro"),
+                   "f1": MulticlassF1Score(num_labels, average="macro"),
+                   "fbeta": MulticlassFBetaScore(beta=FBETA_BETA, num_classes=num_labels, average="macro")}
+    return torchmetrics.MetricCollection(metrics, prefix=prefix)
+
+
+def class_weights(labels: list[int], num_labels: int, positive_weight: float) -> torch.Tensor:
+    """Binary: [1, positive_weight]. Multi-class: inverse class frequency, scaled to mean 1 (`class_weight` unused)."""
+    if num_labels == 2:
+        return torch.tensor([1.0, positive_weight])
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).float().clamp(min=1)
+    w = counts.sum() / counts
+    return w / w.mean()
+
+
+class LoraClassifier(L.LightningModule):
+    """Trains the LoRA + head parameters of a sequence classifier; checkpoints hold only those (MBs, not GBs)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, num_labels: int, weights: torch.Tensor, seed: int):
+        super().__init__()
+        self.model, self.cfg, self.seed = model, cfg, seed
+        self.register_buffer("weights", weights.float(), persistent=False)
+        self.val_metrics = make_metrics(num_labels, "val_")
+        self.val_loss = torchmetrics.MeanMetric()
+        self.train_loss = torchmetrics.MeanMetric()
+        # Checkpoints hold only trainable tensors; the frozen base comes from the model source on load.
+        self.strict_loading = False
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    def train_loss_epoch(self) -> float:
+        return self.train_loss.compute().item()
+
+    def on_train_epoch_start(self) -> None:
+        self.train_loss.reset()
+        # Dropout draws from the global RNG: reseed per epoch so a resumed trial replays the epoch exactly.
+        torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"], weight=self.weights)
+        self.train_loss.update(loss.detach(), len(logits))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        # Unweighted: comparable across trials that tune class_weight.
+        self.val_loss.update(F.cross_entropy(logits, batch["labels"], reduction="sum") / len(logits), len(logits))
+        self.val_metrics.update(logits.argmax(-1), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        out = {k: v.item() for k, v in self.val_metrics.compute().items()}
+        out["val_loss"] = self.val_loss.compute().item()
+        self.log_dict(out)
+        self.val_metrics.reset()
+        self.val_loss.reset()
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        sched = get_linear_schedule_with_warmup(opt, int(self.cfg.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

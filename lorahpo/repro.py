@@ -1,0 +1,80 @@
+"""Reproducibility: one seeding function run BEFORE a model is built, and the provenance manifest."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from typing import Any
+
+import torch
+
+from lorahpo.config import REPO_ROOT, ExperimentConfig, to_dict
+
+PACKAGES = ("lorahpo", "torch", "transformers", "peft", "lightning", "torchmetrics", "ray", "optuna", "pandas",
+            "pyarrow", "numpy", "tokenizers", "scikit-learn")
+
+
+def seed_everything_everywhere(seed: int) -> None:
+    """Seed Python, NumPy, torch (CPU and CUDA) and Lightning, and make kernels deterministic."""
+    import lightning
+
+    if seed is None:  # 0 is a valid seed: never test truthiness
+        raise ValueError("seed must be an integer")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    lightning.seed_everything(seed, workers=True, verbose=False)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed for one epoch's randomness (dropout, shuffling): a trial resumed at epoch k replays epoch k exactly."""
+    return (seed * 1_000_003 + epoch) % (2**31)
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirty flag of the code that ran (None outside a git checkout)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True)
+        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def manifest(cfg: ExperimentConfig, data_info: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Provenance of a run, written before training starts."""
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": to_dict(cfg),
+        "seed": cfg.seed,
+        "data": data_info,
+        "git": git_state(),
+        "versions": versions(),
+        "hardware": hardware(),
+        **extra,
+    }

@@ -1,0 +1,232 @@
+"""One trial: params -> config -> seed -> model -> Lightning fit, one report (metrics + adapter-sized checkpoint) per epoch.
+
+`fit` is Ray-free; `tune_trial` wraps it for Ray Tune; `python -m lorahpo.trainable` runs ONE trial without Ray:
+
+    python -m lorahpo.trainable --out runs/one [--config configs/default.yaml] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from lorahpo.config import ExperimentConfig, UserError, apply_overrides, dump_config, load_config, tuning_metric
+from lorahpo.data import Split, TaskData, load_task, make_loader, split_rows
+from lorahpo.model import build_classifier, load_tokenizer, trainable_parameters
+from lorahpo.module import LoraClassifier, class_weights
+from lorahpo.repro import manifest, seed_everything_everywhere
+
+log = logging.getLogger(__name__)
+CKPT_NAME = "trial.ckpt"
+ReportFn = Callable[[dict[str, Any], Path], None]
+"""Called once per epoch with the metrics row and a directory holding that epoch's checkpoint."""
+
+
+class EpochReporter(L.Callback):
+    """After each validation: running best, early stopping by patience, checkpoint, one report.
+
+    Early stopping lives here rather than in Lightning's EarlyStopping so the report that ends a trial can say so
+    (the stop reason in results.parquet). Its state travels in the checkpoint, so a resumed trial stops when an
+    uninterrupted one would.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, report: ReportFn, extra: dict[str, Any]):
+        self.cfg, self.report, self.extra = cfg, report, extra
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.epoch_start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        name, mode = self.cfg.train.metric, self.cfg.train.mode
+        epoch = trainer.current_epoch + 1  # epochs completed, 1-based: ASHA's time axis
+        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        row["train_loss"] = module.train_loss_epoch()
+        value = row[name]
+        if self.best is None or (value > self.best if mode == "max" else value < self.best):
+            self.best, self.best_epoch = value, epoch
+        row[tuning_metric(self.cfg)] = self.best
+        early = epoch - self.best_epoch >= self.cfg.train.patience and epoch < self.cfg.train.max_epochs
+        if early:
+            trainer.should_stop = True
+        row.update(epoch=epoch, best_epoch=self.best_epoch, early_stopped=early,
+                   epoch_time_s=time.perf_counter() - self.epoch_start, **self.extra)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer.save_checkpoint(Path(tmp) / CKPT_NAME)
+            self.report(row, Path(tmp))
+
+
+def _precision(cfg: ExperimentConfig) -> str:
+    return {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}[cfg.model.dtype]
+
+
+def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
+    """Seed, then build base + LoRA + Lightning wrapper (seeding first makes init independent of earlier trials)."""
+    seed_everything_everywhere(cfg.seed)
+    model = build_classifier(cfg, data.num_labels, data.tokenizer.pad_token_id)
+    if cfg.model.dtype != "float32":  # train adapters and head in fp32 (mixed precision); the frozen base stays low
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    weights = class_weights(data.train.labels, data.num_labels, cfg.train.class_weight)
+    return LoraClassifier(model, cfg.train, data.num_labels, weights, cfg.seed)
+
+
+def _trainer(cfg: ExperimentConfig, callbacks: list[L.Callback], gpu: bool) -> L.Trainer:
+    return L.Trainer(
+        accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=cfg.train.max_epochs, callbacks=callbacks,
+        precision=_precision(cfg), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn", use_distributed_sampler=False,
+    )
+
+
+def fit(cfg: ExperimentConfig, data: TaskData, report: ReportFn, resume_from: Path | None = None,
+        num_threads: int | None = None, gpu: bool = False) -> LoraClassifier:
+    """Train one trial; `report` gets one call per epoch. `resume_from` continues a checkpoint exactly."""
+    torch.set_num_threads(cfg.train.num_threads or num_threads or torch.get_num_threads())
+    module = build_module(cfg, data)
+    extra = {"trainable_params": trainable_parameters(module.model)}
+    train_dl = make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
+    val_dl = make_loader(data.val, data.tokenizer, cfg.train.batch_size * 2, cfg.seed, shuffle=False)
+    trainer = _trainer(cfg, [EpochReporter(cfg, report, extra)], gpu)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|strict_loading).*")
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume_from) if resume_from else None)
+    return module
+
+
+def load_trained(cfg: ExperimentConfig, data: TaskData, ckpt: Path) -> LoraClassifier:
+    """Base model + the adapter and head weights of a checkpoint."""
+    module = build_module(cfg, data)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    missing = set(state) - set(module.state_dict())
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt} holds tensors this model lacks: {sorted(missing)[:3]}")
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
+@torch.no_grad()
+def evaluate(module: LoraClassifier, split: Split, tokenizer: Any, batch_size: int, prefix: str = "test_"
+             ) -> dict[str, float]:
+    """Accuracy, macro-F1, F-beta and loss on a split (the test split is scored ONCE, for the best trial)."""
+    module.eval()
+    for batch in make_loader(split, tokenizer, batch_size, 0, shuffle=False):
+        module.validation_step({k: v.to(module.device) for k, v in batch.items()}, 0)
+    out = {k: v.item() for k, v in module.val_metrics.compute().items()}
+    out["val_loss"] = module.val_loss.compute().item()
+    module.val_metrics.reset()
+    module.val_loss.reset()
+    return {prefix + k.removeprefix("val_"): v for k, v in out.items()}
+
+
+def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, out: Path) -> None:
+    """Adapter + head (peft format), tokenizer, label map and a re-runnable config."""
+    out.mkdir(parents=True, exist_ok=True)
+    module.model.save_pretrained(out)
+    data.tokenizer.save_pretrained(out)
+    (out / "labels.json").write_text(json.dumps({"label_names": data.label_names}, indent=2))
+    dump_config(cfg, out / "best_config.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ray Tune
+
+
+def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
+    """Function trainable: a trial is the base config plus the searcher's dotted overrides."""
+    from ray import tune
+
+    cfg = apply_overrides(base, params)
+    gpu = torch.cuda.is_available() and base.sweep.gpus_per_trial > 0
+    report: ReportFn = lambda row, d: tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(d)))  # noqa: E731
+    ckpt = tune.get_checkpoint()
+    try:
+        if ckpt is None:
+            fit(cfg, data, report, num_threads=max(1, int(base.sweep.cpus_per_trial)), gpu=gpu)
+        else:  # a retry after a failure, or a restored sweep: continue from the last epoch reported
+            with ckpt.as_directory() as d:
+                fit(cfg, data, report, Path(d) / CKPT_NAME, max(1, int(base.sweep.cpus_per_trial)), gpu)
+    finally:
+        if torch.cuda.is_available():  # fractional GPUs: the next trial on this GPU needs the memory
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One trial without Ray
+
+
+def run_single(cfg: ExperimentConfig, out: Path, data: TaskData | None = None) -> dict[str, Any]:
+    """One trial into `out`: manifest.json, split.json, metrics.csv, checkpoints/{last,best}, best/ adapter."""
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty; choose a new --out (earlier results are kept)")
+    out.mkdir(parents=True, exist_ok=True)
+    data = data or load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    (out / "split.json").write_text(json.dumps(split_rows(data)))
+    rows: list[dict[str, Any]] = []
+    meta = manifest(cfg, data.info)
+    (out / "manifest.json").write_text(json.dumps(meta, indent=2))  # provenance first, before any training
+
+    def report(row: dict[str, Any], ckpt_dir: Path) -> None:
+        rows.append(row)
+        for name in ["last"] + (["best"] if row["best_epoch"] == row["epoch"] else []):
+            shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
+            shutil.copytree(ckpt_dir, out / "checkpoints" / name)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    start = time.perf_counter()
+    module = fit(cfg, data, report, gpu=torch.cuda.is_available() and cfg.sweep.gpus_per_trial > 0)
+    meta["trainable_params"] = trainable_parameters(module.model)
+    meta["wall_time_s"] = time.perf_counter() - start
+    (out / "manifest.json").write_text(json.dumps(meta, indent=2))
+    best = load_trained(cfg, data, out / "checkpoints" / "best" / CKPT_NAME)
+    export_best(best, cfg, data, out / "best")
+    return {**rows[-1], "wall_time_s": meta["wall_time_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lorahpo.trainable", description="Run ONE trial without Ray.")
+    p.add_argument("--config", default=None)
+    p.add_argument("--out", required=True, help="new directory for this trial's outputs")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = run_single(cfg, Path(args.out))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
