@@ -238,6 +238,8 @@ def _unknown(key: str, candidates: list[str]) -> UserError:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the declared field type, or raise a UserError naming the key."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy scalars from pandas/parquet
+        value = value.item()
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -369,8 +371,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    cfg = _build(ExperimentConfig, raw)
-    return apply_overrides(cfg, overrides or {})
+    return apply_overrides(_build(ExperimentConfig, raw), overrides or {})
+
+
+def config_from_yaml(text: str) -> ExperimentConfig:
+    """A config from YAML text (e.g. an experiment's config.yaml read from S3)."""
+    return _build(ExperimentConfig, yaml.safe_load(text) or {})
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -78,6 +78,14 @@ class EpochReporter(L.Callback):
             self.report(row, Path(tmp))
 
 
+def quiet_lightning() -> None:
+    """Trials log through Ray to the driver's console: keep Lightning's per-trial banners and tips out of it."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|weights_only|litlogger).*")
+
+
 def _precision(cfg: ExperimentConfig) -> str:
     return {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}[cfg.model.dtype]
 
@@ -160,6 +168,7 @@ def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -
     from ray import tune
 
     cfg = apply_overrides(base, params)
+    quiet_lightning()
     gpu = torch.cuda.is_available() and base.sweep.gpus_per_trial > 0
     report: ReportFn = lambda row, d: tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(d)))  # noqa: E731
     ckpt = tune.get_checkpoint()

@@ -1,0 +1,70 @@
+"""PNG plots written into every sweep's results: optimisation history, learning curves, parallel coordinates,
+parameter importances (Optuna's matplotlib visualisations on the reconstructed study)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from ray.tune import ResultGrid
+
+from lorahpo.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+def write_plots(study: optuna.Study, df: pd.DataFrame, grid: ResultGrid, cfg: ExperimentConfig, out: Path) -> list[str]:
+    """Write the plots that the sweep supports (importances need 2+ finished trials); return their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    target = f"{cfg.train.metric} (running best)"
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, target_name=target),
+        "learning_curves.png": lambda: _learning_curves(study, df, cfg),
+        "parallel_coordinates.png": lambda: ovm.plot_parallel_coordinate(study, target_name=target),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, target_name=target),
+    }
+    written = []
+    for name, make in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+                ax = make()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(9, 5.5)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. one trial: no importances
+            log.info("skipped %s: %s", name, e)
+    return written
+
+
+def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfig):
+    """Per-trial val metric by epoch; trials stopped by ASHA or early stopping end early and are marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    reasons = dict(zip(df["trial_id"], df["stop_reason"]))
+    styles = {"asha_stop": "x", "early_stop": "s", "error": "v"}
+    for t in study.trials:
+        if not t.intermediate_values:
+            continue
+        epochs, values = zip(*sorted(t.intermediate_values.items()))
+        reason = reasons.get(t.user_attrs.get("trial_id"), "")
+        line, = ax.plot(epochs, values, marker="o", ms=3, lw=1, label=f"{t.number} ({reason})")
+        if reason in styles:
+            ax.plot(epochs[-1], values[-1], styles[reason], color=line.get_color(), ms=9)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(cfg.train.metric)
+    ax.set_title("Learning curves (x: stopped by ASHA, square: early stopping)")
+    ax.legend(fontsize=7, ncol=2)
+    return ax

@@ -1,0 +1,175 @@
+"""Sweep: YAML space -> Optuna distributions, seeded TPE (or random) via OptunaSearch, ASHA (or FIFO), resources,
+storage, and the Ray Tune Tuner (new or restored)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow.fs
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from lorahpo.config import ExperimentConfig, ParamSpec, UserError, tuning_metric
+from lorahpo.data import TaskData
+from lorahpo.trainable import tune_trial
+
+log = logging.getLogger(__name__)
+
+
+def distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:
+    if spec.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(spec.choices or ()))
+    if spec.type == "int":
+        return optuna.distributions.IntDistribution(int(spec.low), int(spec.high), log=spec.log)
+    return optuna.distributions.FloatDistribution(float(spec.low), float(spec.high), log=spec.log)
+
+
+def optuna_space(cfg: ExperimentConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Search space keyed by dotted config path (what each trial overrides)."""
+    return {key: distribution(spec) for key, spec in cfg.search.items()}
+
+
+def make_searcher(cfg: ExperimentConfig) -> OptunaSearch:
+    """OptunaSearch with a seeded sampler: TPE, or random search (same machinery, for fair comparisons)."""
+    if cfg.sweep.searcher == "tpe":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+            seed=cfg.seed, n_startup_trials=cfg.sweep.n_startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    space = optuna_space(cfg)
+    points = [{k: p[k] for k in space} for p in cfg.sweep.points_to_evaluate] or None
+    return OptunaSearch(space=space, metric=tuning_metric(cfg), mode=cfg.train.mode, sampler=sampler,
+                        points_to_evaluate=points)
+
+
+def make_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
+    if cfg.sweep.scheduler == "asha":
+        # time_attr "epoch": the 1-based epochs a trial has completed (survives a resume, unlike wall time)
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.max_epochs, grace_period=cfg.sweep.grace_period,
+                             reduction_factor=cfg.sweep.reduction_factor)
+    return FIFOScheduler()
+
+
+def storage(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem]:
+    """(path inside the filesystem, filesystem) of `sweep.storage_path`; local paths made absolute (Tune changes
+    the working directory of trials)."""
+    path = cfg.sweep.storage_path
+    if path.startswith("s3://"):
+        if cfg.sweep.s3_endpoint:
+            scheme, _, host = cfg.sweep.s3_endpoint.rpartition("://")
+            fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https")
+            return path.removeprefix("s3://").rstrip("/"), fs
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        return inner.rstrip("/"), fs
+    if "://" in path:
+        raise UserError(f"sweep.storage_path={path}: use a local/NFS path or s3://bucket/prefix")
+    return str(Path(path).expanduser().resolve()), pyarrow.fs.LocalFileSystem()
+
+
+def experiment_dir(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem]:
+    root, fs = storage(cfg)
+    return f"{root}/{cfg.sweep.name}", fs
+
+
+def display_path(cfg: ExperimentConfig) -> str:
+    path, fs = experiment_dir(cfg)
+    return f"s3://{path}" if isinstance(fs, pyarrow.fs.S3FileSystem) else path
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial directory names (the trial id); the params are in params.json and results.parquet."""
+    return trial.trial_id
+
+
+def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
+    """The function trainable with the tokenized data put in the object store ONCE, and the trial's resources."""
+    fn = tune.with_parameters(tune_trial, base=cfg, data=data)
+    return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
+
+
+def make_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
+    root, fs = storage(cfg)
+    run_config = tune.RunConfig(
+        name=cfg.sweep.name,
+        storage_path=root,
+        storage_filesystem=None if isinstance(fs, pyarrow.fs.LocalFileSystem) else fs,
+        # Keep the best epoch's checkpoint (scored by the per-epoch metric, not the running best, whose ties would
+        # pick a later epoch) and the latest (Ray always keeps it, for resume).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.num_to_keep,
+                                                checkpoint_score_attribute=cfg.train.metric,
+                                                checkpoint_score_order=cfg.train.mode),
+        failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+        verbose=1,
+    )
+    tune_config = tune.TuneConfig(
+        metric=tuning_metric(cfg), mode=cfg.train.mode, search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg),
+        num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+        trial_dirname_creator=trial_dirname, reuse_actors=False,
+    )
+    return tune.Tuner(trainable(cfg, data), tune_config=tune_config, run_config=run_config)
+
+
+def can_restore(cfg: ExperimentConfig) -> bool:
+    path, fs = experiment_dir(cfg)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+
+
+def restore_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
+    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
+    searcher's state (TPE's history) restored so no trial runs twice."""
+    path, fs = experiment_dir(cfg)
+    return tune.Tuner.restore(path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True,
+                              storage_filesystem=fs)
+
+
+def describe(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a sweep will do (for --dry-run and the log)."""
+    s = cfg.sweep
+    budget = s.num_samples * cfg.train.max_epochs
+    return {
+        "searcher": f"{s.searcher} (seed {cfg.seed}" + (f", {s.n_startup_trials} random start-up trials)"
+                                                       if s.searcher == "tpe" else ")"),
+        "scheduler": s.scheduler + (f" (grace {s.grace_period}, reduction {s.reduction_factor}, max_t "
+                                    f"{cfg.train.max_epochs} epochs)" if s.scheduler == "asha" else ""),
+        "metric": f"{tuning_metric(cfg)} ({cfg.train.mode})",
+        "trial_budget": f"{s.num_samples} trials x up to {cfg.train.max_epochs} epochs = at most {budget} trial-epochs",
+        "resources": f"{s.cpus_per_trial} CPU + {s.gpus_per_trial} GPU per trial, at most "
+                     f"{s.max_concurrent_trials} at once",
+        "storage": display_path(cfg) + (f" (endpoint {s.s3_endpoint})" if s.s3_endpoint else ""),
+        "search_space": {k: {a: b for a, b in vars(v).items() if b is not None} for k, v in cfg.search.items()},
+    }
+
+
+def run_sweep(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None,
+              resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep on a local or existing Ray cluster, then write every result."""
+    import json
+    import tempfile
+
+    import ray
+
+    from lorahpo.config import dump_config
+    from lorahpo.data import split_rows
+    from lorahpo.repro import manifest
+    from lorahpo.results import write_results
+
+    meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
+    exp, fs = experiment_dir(cfg)
+    if not resume:  # provenance before any training; the config is what --resume and load_experiment read back
+        fs.create_dir(exp)
+        with tempfile.TemporaryDirectory() as tmp:
+            dump_config(cfg, f"{tmp}/config.yaml")
+            Path(tmp, "manifest.json").write_text(json.dumps(meta, indent=2, default=str))
+            Path(tmp, "split.json").write_text(json.dumps(split_rows(data)))
+            pyarrow.fs.copy_files(tmp, exp, destination_filesystem=fs)
+    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    try:
+        tuner = restore_tuner(cfg, data) if resume else make_tuner(cfg, data)
+        grid = tuner.fit()
+        return write_results(cfg, grid, data, meta)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,54 @@
+"""Tune LoRA adapters of a Llama-family sequence classifier: seeded TPE (Optuna) + ASHA on Ray Tune.
+
+    python tune_lora.py [--config PATH] [--resume] [--dry-run] [--address ADDR] [KEY=VALUE ...]
+
+parse -> validate -> run_sweep -> write_results. Exit 0 on success, 2 (one line on stderr) on a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name and storage")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start locally)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=3e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from lorahpo.config import UserError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from lorahpo.preflight import prepare
+        from lorahpo.search import run_sweep
+
+        data, plan = prepare(cfg, resume=args.resume)
+        if args.dry_run:
+            print(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=120))
+            return 0
+        summary = run_sweep(cfg, data, plan, address=args.address or os.environ.get("RAY_ADDRESS"),
+                            resume=args.resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from lorahpo.results import print_summary
+
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
