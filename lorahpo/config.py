@@ -206,6 +206,11 @@ class ExperimentConfig:
             raise UserError(f"seed={self.seed} must be a non-negative integer")
         for key, spec in self.search.items():
             _validate_spec(key, spec)
+        for point in self.sweep.points_to_evaluate:
+            extra = sorted(set(point) - set(self.search))
+            if extra:
+                raise UserError(f"sweep.points_to_evaluate names {extra}, which are not in the search space "
+                                f"{sorted(self.search)}; add them to search or drop them from the point")
 
 
 def tuning_metric(cfg: ExperimentConfig) -> str:

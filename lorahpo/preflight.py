@@ -20,7 +20,7 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
     last_n = [cfg.lora.last_n]
     spec = cfg.search.get("lora.last_n")
     if spec is not None:
-        last_n += list(spec.choices or ()) + [v for v in (spec.high,) if v is not None]
+        last_n += [int(v) for v in (*(spec.choices or ()), spec.high) if v is not None]
     if max(last_n) > layers:
         raise UserError(f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
                         f"{cfg.model.name}" + (f" truncated by model.num_layers={cfg.model.num_layers}"

@@ -72,7 +72,7 @@ def _stop_reason(cfg: ExperimentConfig, result: tune.Result, epochs: int) -> str
 
 
 def ordered(grid: ResultGrid) -> list[tune.Result]:
-    """Trials in creation order (trial ids end in a counter)."""
+    """Trials in creation order (directory names start with the searcher's counter, see search.trial_dirname)."""
     return sorted((r for r in grid), key=lambda r: Path(r.path).name)
 
 

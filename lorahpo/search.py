@@ -41,7 +41,7 @@ def make_searcher(cfg: ExperimentConfig) -> OptunaSearch:
     else:
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     space = optuna_space(cfg)
-    points = [{k: p[k] for k in space} for p in cfg.sweep.points_to_evaluate] or None
+    points = [dict(p) for p in cfg.sweep.points_to_evaluate] or None  # partial points: Optuna samples the rest
     return OptunaSearch(space=space, metric=tuning_metric(cfg), mode=cfg.train.mode, sampler=sampler,
                         points_to_evaluate=points)
 
@@ -81,8 +81,10 @@ def display_path(cfg: ExperimentConfig) -> str:
 
 
 def trial_dirname(trial: Any) -> str:
-    """Short trial directory names (the trial id); the params are in params.json and results.parquet."""
-    return trial.trial_id
+    """`trial_<n>_<id>`: n is the searcher's suggestion order (its experiment_tag counter, restored on resume), so
+    directory names sort in creation order; the params are in params.json and results.parquet."""
+    index = int(str(trial.experiment_tag).split("_")[0] or 0)
+    return f"trial_{index:03d}_{trial.trial_id}"
 
 
 def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
@@ -166,7 +168,8 @@ def run_sweep(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], addre
             Path(tmp, "manifest.json").write_text(json.dumps(meta, indent=2, default=str))
             Path(tmp, "split.json").write_text(json.dumps(split_rows(data)))
             pyarrow.fs.copy_files(tmp, exp, destination_filesystem=fs)
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    # "local" starts a fresh local Ray even if a stale one from a killed run is still up (plain init would join it).
+    ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
         tuner = restore_tuner(cfg, data) if resume else make_tuner(cfg, data)
         grid = tuner.fit()

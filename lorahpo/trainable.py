@@ -11,7 +11,9 @@ import argparse
 import csv
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -78,8 +80,11 @@ class EpochReporter(L.Callback):
             self.report(row, Path(tmp))
 
 
-def quiet_lightning() -> None:
-    """Trials log through Ray to the driver's console: keep Lightning's per-trial banners and tips out of it."""
+def quiet_logs() -> None:
+    """Trials log through Ray to the driver's console: keep per-trial banners, tips and load reports out of it."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -111,14 +116,15 @@ def _trainer(cfg: ExperimentConfig, callbacks: list[L.Callback], gpu: bool) -> L
 
 
 def fit(cfg: ExperimentConfig, data: TaskData, report: ReportFn, resume_from: Path | None = None,
-        num_threads: int | None = None, gpu: bool = False) -> LoraClassifier:
+        num_threads: int | None = None, gpu: bool = False, tags: dict[str, Any] | None = None) -> LoraClassifier:
     """Train one trial; `report` gets one call per epoch. `resume_from` continues a checkpoint exactly."""
     torch.set_num_threads(cfg.train.num_threads or num_threads or torch.get_num_threads())
     module = build_module(cfg, data)
-    extra = {"trainable_params": trainable_parameters(module.model)}
+    extra = {"trainable_params": trainable_parameters(module.model), **(tags or {})}
     train_dl = make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
     val_dl = make_loader(data.val, data.tokenizer, cfg.train.batch_size * 2, cfg.seed, shuffle=False)
     trainer = _trainer(cfg, [EpochReporter(cfg, report, extra)], gpu)
+    module.train()  # from_pretrained leaves the model in eval mode, and Lightning keeps it: dropout would be off
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|strict_loading).*")
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume_from) if resume_from else None)
@@ -165,19 +171,23 @@ def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, o
 
 def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
     """Function trainable: a trial is the base config plus the searcher's dotted overrides."""
+    import ray
     from ray import tune
 
     cfg = apply_overrides(base, params)
-    quiet_lightning()
+    quiet_logs()
     gpu = torch.cuda.is_available() and base.sweep.gpus_per_trial > 0
     report: ReportFn = lambda row, d: tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(d)))  # noqa: E731
+    # Where each epoch ran: audit trail for retries and multi-node placement.
+    tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+    threads = max(1, int(base.sweep.cpus_per_trial))
     ckpt = tune.get_checkpoint()
     try:
         if ckpt is None:
-            fit(cfg, data, report, num_threads=max(1, int(base.sweep.cpus_per_trial)), gpu=gpu)
+            fit(cfg, data, report, num_threads=threads, gpu=gpu, tags=tags)
         else:  # a retry after a failure, or a restored sweep: continue from the last epoch reported
             with ckpt.as_directory() as d:
-                fit(cfg, data, report, Path(d) / CKPT_NAME, max(1, int(base.sweep.cpus_per_trial)), gpu)
+                fit(cfg, data, report, Path(d) / CKPT_NAME, threads, gpu, tags)
     finally:
         if torch.cuda.is_available():  # fractional GPUs: the next trial on this GPU needs the memory
             torch.cuda.empty_cache()

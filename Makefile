@@ -1,0 +1,36 @@
+# Two commands: `make sweep` (the default sweep) and `make test` (the whole suite). Both create .venv first.
+# CPU machines get torch==2.13.0 (a CPU build where one is provided locally); machines with nvidia-smi get the
+# regular PyPI torch (CUDA). Override with `make TORCH=... test`.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13" || echo "torch==2.13.0")
+ARGS  ?=
+
+.PHONY: install sweep test test-fast lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+sweep: install            ## python tune_lora.py with configs/default.yaml (pass ARGS="train.lr=..." to override)
+	$(PY) tune_lora.py $(ARGS)
+
+test: install             ## every test tier: config, unit, end-to-end sweeps, cluster + S3
+	$(PY) -m pytest -q -ra $(ARGS)
+
+test-fast: install        ## unit tiers only
+	$(PY) -m pytest -q -m "not slow and not cluster" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

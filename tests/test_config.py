@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from lorahpo.config import (
+    ExperimentConfig,
+    UserError,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.search, "every shipped config declares a search space"
+
+
+def test_shipped_configs_present() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"default.yaml", "llama32_3b.yaml", "seed_space.yaml"} <= names
+
+
+def test_overrides_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.lr=1e-4", "lora.r=16", "data.split=[0.7,0.3,0]", "model.num_layers=null",
+                             "lora.target_modules=q_proj,v_proj", "sweep.gpus_per_trial=0.5"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.lora.r == 16
+    assert cfg.data.split == (0.7, 0.3, 0.0)
+    assert cfg.model.num_layers is None
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+    assert cfg.sweep.gpus_per_trial == 0.5
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert apply_overrides(cfg, {}) == cfg
+    assert to_dict(apply_overrides(cfg, {"train.lr": 1e-4})) == to_dict(cfg)
+
+
+def test_yaml_exponent_without_dot_is_a_float() -> None:
+    # PyYAML reads `1e-4` as a string; the config must not.
+    assert parse_overrides(["train.lr=1e-4"]) == {"train.lr": "1e-4"}
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)
+
+
+def test_unknown_key_names_nearest() -> None:
+    with pytest.raises(UserError, match=r"unknown config key 'train.learning_rat'.*did you mean 'train.lr'|"
+                                        r"unknown config key 'train.learning_rat'"):
+        load_config(None, ["train.learning_rat=1"])
+    with pytest.raises(UserError, match=r"unknown config key 'lora.rr': did you mean 'lora.r'\?"):
+        load_config(None, ["lora.rr=4"])
+    with pytest.raises(UserError, match=r"unknown config key 'sweep.num_sample': did you mean 'sweep.num_samples'\?"):
+        load_config(None, ["sweep.num_sample=4"])
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(UserError, match=r"lora.r='abc' must be an integer"):
+        load_config(None, ["lora.r=abc"])
+    with pytest.raises(UserError, match=r"sweep.scheduler='hyperband' is not allowed; choose one of \['asha', 'fifo'\]"):
+        load_config(None, ["sweep.scheduler=hyperband"])
+
+
+def test_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]

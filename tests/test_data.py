@@ -1,0 +1,133 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lorahpo.config import DataConfig, UserError
+from lorahpo.data import (
+    BUNDLED_SHA256,
+    LengthGroupedBatches,
+    TaskData,
+    label_map,
+    load_task,
+    make_loader,
+    padding_stats,
+    read_table,
+    split_indices,
+)
+
+
+def test_bundled_data_verified_and_counted() -> None:
+    df, digest = read_table(DataConfig())
+    assert digest == BUNDLED_SHA256
+    assert len(df) == 4862
+    assert df["label"].value_counts().to_dict() == {"ham": 4220, "spam": 642}
+
+
+def test_split_stratified_and_seeded() -> None:
+    y = np.array([0] * 900 + [1] * 100)
+    a = split_indices(y, (0.7, 0.15, 0.15), seed=1)
+    b = split_indices(y, (0.7, 0.15, 0.15), seed=1)
+    c = split_indices(y, (0.7, 0.15, 0.15), seed=2)
+    assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
+    assert a["val"].tolist() != c["val"].tolist()
+    assert [len(a[k]) for k in ("train", "val", "test")] == [700, 150, 150]
+    assert [int(y[a[k]].sum()) for k in ("train", "val", "test")] == [70, 15, 15]  # 10% positives everywhere
+    all_idx = np.concatenate([a["train"], a["val"], a["test"]])
+    assert sorted(all_idx.tolist()) == list(range(1000))  # disjoint and complete
+
+
+def test_70_30_split_is_the_predecessors_single_train_test_split() -> None:
+    from sklearn.model_selection import train_test_split
+
+    y = np.array([0] * 80 + [1] * 20)
+    ours = split_indices(y, (0.7, 0.3, 0.0), seed=42)
+    train, val = train_test_split(np.arange(100), test_size=0.3, stratify=y, random_state=42)
+    assert ours["train"].tolist() == sorted(train.tolist())
+    assert ours["val"].tolist() == sorted(val.tolist())
+    assert len(ours["test"]) == 0
+
+
+def test_split_hash_and_rows_recorded(tiny_data: TaskData) -> None:
+    info = tiny_data.info
+    assert info["split_sizes"] == {"train": 279, "val": 61, "test": 60}  # sklearn rounds val up
+    assert len(info["split_sha256"]) == 64
+    rows = tiny_data.train.rows + tiny_data.val.rows + tiny_data.test.rows
+    assert len(set(rows)) == 400
+
+
+def test_label_map_deterministic() -> None:
+    assert label_map(pd.Series(["spam", "ham", "spam"]), "spam") == ["ham", "spam"]
+    assert label_map(pd.Series(["b", "a", "c"]), None) == ["a", "b", "c"]
+    assert label_map(pd.Series([10, 2, 1]), None) == ["1", "2", "10"]  # numeric order, not string order
+    assert label_map(pd.Series(["pos", "neg"]), "neg") == ["pos", "neg"]  # positive class is index 1
+    with pytest.raises(UserError, match=r"data.positive_label='x' is not among the labels \['a', 'b'\]"):
+        label_map(pd.Series(["a", "b"]), "x")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_user_formats_with_int_labels(tmp_path: Path, fmt: str, tiny_data: TaskData) -> None:
+    texts = [f"message number {i} " + ("win cash now" if i % 3 == 0 else "see you later") for i in range(60)]
+    df = pd.DataFrame({"body": texts, "y": [int(i % 3 == 0) for i in range(60)]})
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in df.to_dict("records")))
+    else:
+        df.to_parquet(path)
+    cfg = DataConfig(path=str(path), text_column="body", label_column="y", split=(0.6, 0.2, 0.2))
+    data = load_task(cfg, tiny_data.tokenizer, seed=0)
+    assert data.label_names == ["0", "1"]
+    assert (len(data.train), len(data.val), len(data.test)) == (36, 12, 12)
+    assert sum(data.val.labels) == 4
+
+
+def test_multiclass(tmp_path: Path, tiny_data: TaskData) -> None:
+    df = pd.DataFrame({"text": [f"t {i}" for i in range(90)], "label": ["a", "b", "c"] * 30})
+    df.to_csv(tmp_path / "m.csv", index=False)
+    data = load_task(DataConfig(path=str(tmp_path / "m.csv")), tiny_data.tokenizer, seed=0)
+    assert data.label_names == ["a", "b", "c"] and data.positive_index is None
+    assert sorted(np.bincount(data.test.labels).tolist()) == [4, 4, 5] or len(data.test) == 14
+
+
+def test_truncation_counted(tiny_data: TaskData) -> None:
+    cfg = DataConfig(max_examples=400, max_length=8)
+    data = load_task(cfg, tiny_data.tokenizer, seed=42)
+    assert max(len(t) for t in data.train.input_ids) == 8
+    lengths = [len(t) for t in tiny_data.tokenizer(read_table(cfg)[0]["text"].tolist())["input_ids"]]
+    assert sum(data.info["truncated"].values()) > 0
+    assert sum(data.info["truncated"].values()) <= sum(n > 8 for n in lengths)
+
+
+def test_length_grouped_batches_cover_each_example_once_and_reshuffle_per_epoch() -> None:
+    lengths = list(np.random.default_rng(0).integers(5, 60, 500))
+    s = LengthGroupedBatches(lengths, 16, seed=3)
+    e0 = list(s)
+    assert sorted(i for b in e0 for i in b) == list(range(500))
+    assert list(s) == e0  # same epoch, same batches
+    s.set_epoch(1)
+    assert list(s) != e0
+    stats = padding_stats_from(lengths)
+    assert stats > 0.9  # grouped batching wastes under 10% on pads for this spread
+
+
+def padding_stats_from(lengths: list[int]) -> float:
+    from lorahpo.data import Split
+
+    return padding_stats(Split([[0] * n for n in lengths], [0] * len(lengths), list(range(len(lengths)))), 16, 0)[
+        "efficiency"
+    ]
+
+
+def test_collate_pads_right_with_tokenizer_pad_id(tiny_data: TaskData) -> None:
+    batch = next(iter(make_loader(tiny_data.val, tiny_data.tokenizer, 8, 0, shuffle=False)))
+    pad = tiny_data.tokenizer.pad_token_id
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == 8
+    assert bool(((ids == pad) == (mask == 0)).all())
+    assert bool((mask[:, 0] == 1).all())  # right padding: real tokens first

@@ -1,0 +1,183 @@
+"""End-to-end sweeps through the real CLI, each on its own real local Ray, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from peft import PeftModel
+
+from lorahpo.config import dump_config, load_config, to_dict
+from lorahpo.data import load_task
+from lorahpo.model import build_base, load_tokenizer
+from lorahpo.results import load_experiment, load_journal
+from lorahpo.trainable import fit
+
+from .conftest import cli, cli_background, tiny_args, tiny_config, wait_for
+
+pytestmark = pytest.mark.slow
+VAL = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_fbeta"]
+OUTPUTS = ["results.parquet", "optuna_res.pkl", "optuna_journal.log", "summary.json", "summary.md", "manifest.json",
+           "config.yaml", "split.json", "best/adapter_model.safetensors", "best/adapter_config.json",
+           "best/best_config.yaml", "best/tokenizer.json", "best/labels.json", "optimization_history.png",
+           "learning_curves.png", "parallel_coordinates.png", "param_importances.png"]
+
+
+def write_config(path: Path, **overrides: object) -> Path:
+    """A config file (the tiny defaults + overrides, incl. search space / points as whole values)."""
+    search = overrides.pop("search", None)
+    points = overrides.pop("points", None)
+    raw = to_dict(tiny_config(**overrides))
+    if search is not None:
+        raw["search"] = search
+    if points is not None:
+        raw["sweep"]["points_to_evaluate"] = points
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_config(path)  # valid
+    return path
+
+
+def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
+    # Trial 1 weighs the positive class 0.01: it predicts no spam, F-beta 0 at epoch 1, below trial 0 -> ASHA stops it.
+    search = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+              "train.class_weight": {"type": "float", "low": 0.01, "high": 10.0},
+              "lora.r": {"type": "categorical", "choices": [4, 8]}}
+    points = [{"train.lr": 5e-3, "train.class_weight": 6.0, "lora.r": 8},
+              {"train.lr": 5e-3, "train.class_weight": 0.01, "lora.r": 8}]
+    config = write_config(tmp_path / "c.yaml", search=search, points=points, **{
+        "train.max_epochs": 3, "sweep.num_samples": 4, "sweep.n_startup_trials": 2, "sweep.grace_period": 1,
+        "sweep.reduction_factor": 2, "sweep.storage_path": str(tmp_path / "store"), "sweep.name": "e2e"})
+    run = cli(["--config", str(config)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    exp = tmp_path / "store" / "e2e"
+    for name in OUTPUTS:
+        assert (exp / name).is_file(), name
+
+    grid, df = load_experiment(str(exp))
+    assert len(df) == 4 == len(grid)
+    assert df["trial_id"].is_unique
+    assert df.loc[1, "param.train.class_weight"] == pytest.approx(0.01)
+    assert df.loc[1, "stop_reason"] == "asha_stop" and df.loc[1, "epochs"] == 1
+    assert set(df["stop_reason"]) <= {"asha_stop", "max_epochs", "early_stop"}
+    for result in grid:  # parquet agrees with the ResultGrid, and per-trial metrics.csv with both
+        row = df[df["trial_id"] == Path(result.path).name].iloc[0]
+        hist = result.metrics_dataframe
+        per_epoch = pd.read_csv(exp / "trials" / row["trial_id"] / "metrics.csv")
+        assert per_epoch["epoch"].tolist() == list(range(1, int(row["epochs"]) + 1))
+        assert per_epoch["val_fbeta"].tolist() == hist["val_fbeta"].tolist()
+        assert row["best_val_fbeta"] == pytest.approx(hist["val_fbeta"].max())
+        assert row["last_val_fbeta"] == pytest.approx(hist["val_fbeta"].iloc[-1])
+        assert result.config == {k.removeprefix("param."): row[k] for k in df if k.startswith("param.")}
+
+    # the predecessor's snippet, unchanged
+    study = pickle.load(open(exp / "optuna_res.pkl", "rb"))  # noqa: SIM115
+    best = df.sort_values("best_val_fbeta", ascending=False, kind="stable").iloc[0]
+    assert study.best_value == pytest.approx(best["best_val_fbeta"])
+    assert study.best_trial.params == {k.removeprefix("param."): best[k] for k in df if k.startswith("param.")}
+    assert len(study.trials) == 4 and study.trials[1].intermediate_values.keys() == {1}
+    safe = load_journal(exp / "optuna_journal.log")
+    assert [t.params for t in safe.trials] == [t.params for t in study.trials]
+    assert safe.best_value == study.best_value
+
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["best_trial"] == best["trial_id"] and summary["num_trials"] == 4
+    assert set(summary["test"]) == {"test_accuracy", "test_f1", "test_fbeta", "test_loss"}
+    assert summary["test_size"] == 60
+    assert f"Results: {exp}" in run.stdout and "test split:" in run.stdout
+
+    cfg = load_config(exp / "best" / "best_config.yaml")
+    assert cfg.train.class_weight == pytest.approx(best["param.train.class_weight"])
+    tok = load_tokenizer(cfg.model)
+    model = PeftModel.from_pretrained(build_base(cfg.model, 2, tok.pad_token_id), exp / "best")
+    assert model.peft_config["default"].r == best["param.lora.r"]
+
+
+def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
+    def sweep(name: str, seed: int) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+        run = cli(tiny_args(tmp_path, **{"sweep.name": name, "seed": seed, "sweep.num_samples": 3,
+                                         "sweep.n_startup_trials": 2, "sweep.points_to_evaluate": "[]"}))
+        assert run.returncode == 0, run.stderr[-3000:]
+        df = pd.read_parquet(tmp_path / name / "results.parquet")
+        curves = [pd.read_csv(tmp_path / name / "trials" / t / "metrics.csv")[VAL] for t in df["trial_id"]]
+        return df, curves
+
+    a, ca = sweep("a", 42)
+    b, cb = sweep("b", 42)
+    params = [c for c in a if c.startswith("param.")]
+    pd.testing.assert_frame_equal(a[params], b[params])
+    assert a["stop_reason"].tolist() == b["stop_reason"].tolist()
+    for x, y in zip(ca, cb):
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+    c, _ = sweep("c", 7)
+    assert not a[params].equals(c[params])
+
+
+def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None:
+    args = tiny_args(tmp_path, **{"sweep.name": "kill", "sweep.num_samples": 4, "data.max_examples": 1500,
+                                  "train.max_epochs": 2, "sweep.scheduler": "fifo"})
+    proc = cli_background(args, tmp_path / "driver.log")
+    procs.append(proc)
+    exp = tmp_path / "kill"
+    # kill once the second trial has reported (so one trial is done and one is mid-flight)
+    wait_for(lambda: sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2,
+             timeout=300, what="two trials reporting")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = {p.parent.name for p in exp.glob("*/params.json")}
+    assert not (exp / "results.parquet").exists()
+
+    run = cli(["--resume", *args])
+    assert run.returncode == 0, run.stderr[-3000:]
+    df = pd.read_parquet(exp / "results.parquet")
+    assert len(df) == 4 and df["trial_id"].is_unique
+    assert before <= set(df["trial_id"])  # the trials started before the kill were kept, not rerun under new ids
+    params = [c for c in df if c.startswith("param.")]
+    assert not df[params].duplicated().any()
+    assert (df["epochs"] == 2).all() and (df["stop_reason"] == "max_epochs").all()
+
+
+def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, procs: list) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", search={"lora.dropout": {"type": "categorical", "choices": [0.1]}},
+        points=[{"lora.dropout": 0.1}],
+        **{"data.max_examples": None, "train.max_epochs": 3, "lora.dropout": 0.1, "sweep.max_failures": 1,
+           "sweep.num_samples": 1, "sweep.name": "retry", "sweep.storage_path": str(tmp_path)})
+    args = ["--config", str(config)]
+    proc = cli_background(args, tmp_path / "driver.log")
+    procs.append(proc)
+    progress = wait_for(lambda: next(iter((tmp_path / "retry").glob("*/progress.csv")), None), 300, "trial dir")
+
+    def first_epoch_pid() -> int | None:
+        lines = progress.read_text().splitlines()
+        if len(lines) < 2:
+            return None
+        return int(pd.read_csv(progress)["pid"].iloc[0])
+
+    pid = wait_for(first_epoch_pid, 300, "epoch 1 report")
+    os.kill(pid, signal.SIGKILL)  # mid-epoch 2: epoch 1's checkpoint is the last one
+    assert proc.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+
+    hist = pd.read_csv(progress)
+    assert hist["epoch"].tolist() == [1, 2, 3]  # no epoch lost, none repeated
+    assert hist["pid"].iloc[0] == pid and hist["pid"].iloc[-1] != pid  # epochs 2-3 ran in the retried worker
+
+    cfg = load_config(config)
+    data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    rows: list[dict] = []
+    fit(cfg, data, lambda r, d: rows.append(r), num_threads=int(cfg.sweep.cpus_per_trial))
+    uninterrupted = pd.DataFrame(rows)[VAL]
+    pd.testing.assert_frame_equal(hist[VAL].reset_index(drop=True), uninterrupted, check_exact=True)
+
+
+def test_dry_run_trains_nothing(tmp_path: Path) -> None:
+    run = cli(tiny_args(tmp_path / "store", **{"sweep.num_samples": 5, "train.max_epochs": 3}) + ["--dry-run"])
+    assert run.returncode == 0, run.stderr
+    assert "5 trials x up to 3 epochs = at most 15 trial-epochs" in run.stdout
+    assert "search_space:" in run.stdout and "storage:" in run.stdout and "resources:" in run.stdout
+    assert not (tmp_path / "store").exists()
