@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=120))
             return 0
-        summary = run_sweep(cfg, data, plan, address=args.address or os.environ.get("RAY_ADDRESS"),
-                            resume=args.resume)
+        summary = run_sweep(cfg, data, plan, address=args.address or os.environ.get("RAY_ADDRESS"), resume=args.resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

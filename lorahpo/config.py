@@ -135,7 +135,9 @@ class TrainConfig:
         if self.metric not in METRICS:
             raise UserError(f"train.metric={self.metric!r} is not a metric; choose one of {sorted(METRICS)}")
         if self.mode != METRICS[self.metric]:
-            raise UserError(f"train.mode={self.mode!r} contradicts {self.metric} (set train.mode={METRICS[self.metric]})")
+            raise UserError(
+                f"train.mode={self.mode!r} contradicts {self.metric} (set train.mode={METRICS[self.metric]})"
+            )
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,10 @@ class ExperimentConfig:
         for point in self.sweep.points_to_evaluate:
             extra = sorted(set(point) - set(self.search))
             if extra:
-                raise UserError(f"sweep.points_to_evaluate names {extra}, which are not in the search space "
-                                f"{sorted(self.search)}; add them to search or drop them from the point")
+                raise UserError(
+                    f"sweep.points_to_evaluate names {extra}, which are not in the search space "
+                    f"{sorted(self.search)}; add them to search or drop them from the point"
+                )
 
 
 def tuning_metric(cfg: ExperimentConfig) -> str:
@@ -367,7 +371,9 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return plain(d)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
     """Read a YAML config (default: configs/default.yaml) and apply dotted overrides."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():

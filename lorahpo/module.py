@@ -8,8 +8,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torchmetrics.classification import BinaryAccuracy, BinaryFBetaScore, MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.classification import MulticlassFBetaScore
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryFBetaScore,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassFBetaScore,
+)
 from transformers import get_linear_schedule_with_warmup
 
 from lorahpo.config import FBETA_BETA, TrainConfig
@@ -20,12 +25,17 @@ def make_metrics(num_labels: int, prefix: str) -> torchmetrics.MetricCollection:
     """Binary: accuracy, macro-F1 over both classes, F-beta of the positive class (index 1).
     Multi-class: accuracy, macro-F1, macro F-beta."""
     if num_labels == 2:
-        metrics = {"accuracy": BinaryAccuracy(), "f1": MulticlassF1Score(2, average="macro"),
-                   "fbeta": BinaryFBetaScore(beta=FBETA_BETA)}
+        metrics = {
+            "accuracy": BinaryAccuracy(),
+            "f1": MulticlassF1Score(2, average="macro"),
+            "fbeta": BinaryFBetaScore(beta=FBETA_BETA),
+        }
     else:
-        metrics = {"accuracy": MulticlassAccuracy(num_labels, average="micro"),
-                   "f1": MulticlassF1Score(num_labels, average="macro"),
-                   "fbeta": MulticlassFBetaScore(beta=FBETA_BETA, num_classes=num_labels, average="macro")}
+        metrics = {
+            "accuracy": MulticlassAccuracy(num_labels, average="micro"),
+            "f1": MulticlassF1Score(num_labels, average="macro"),
+            "fbeta": MulticlassFBetaScore(beta=FBETA_BETA, num_classes=num_labels, average="macro"),
+        }
     return torchmetrics.MetricCollection(metrics, prefix=prefix)
 
 

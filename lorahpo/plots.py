@@ -60,7 +60,7 @@ def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfi
             continue
         epochs, values = zip(*sorted(t.intermediate_values.items()))
         reason = reasons.get(t.user_attrs.get("trial_id"), "")
-        line, = ax.plot(epochs, values, marker="o", ms=3, lw=1, label=f"{t.number} ({reason})")
+        (line,) = ax.plot(epochs, values, marker="o", ms=3, lw=1, label=f"{t.number} ({reason})")
         if reason in styles:
             ax.plot(epochs[-1], values[-1], styles[reason], color=line.get_color(), ms=9)
     ax.set_xlabel("epoch")

@@ -22,24 +22,33 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
     if spec is not None:
         last_n += [int(v) for v in (*(spec.choices or ()), spec.high) if v is not None]
     if max(last_n) > layers:
-        raise UserError(f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
-                        f"{cfg.model.name}" + (f" truncated by model.num_layers={cfg.model.num_layers}"
-                                               if cfg.model.num_layers else "") + f"; use at most {layers}")
+        raise UserError(
+            f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
+            f"{cfg.model.name}"
+            + (f" truncated by model.num_layers={cfg.model.num_layers}" if cfg.model.num_layers else "")
+            + f"; use at most {layers}"
+        )
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
-        raise UserError(f"data.max_length={cfg.data.max_length} exceeds what {cfg.model.name} supports ({context} "
-                        f"positions); set data.max_length<={context}")
+        raise UserError(
+            f"data.max_length={cfg.data.max_length} exceeds what {cfg.model.name} supports ({context} "
+            f"positions); set data.max_length<={context}"
+        )
 
 
 def check_experiment(cfg: ExperimentConfig, resume: bool) -> None:
     """Never overwrite an earlier sweep silently; never 'resume' nothing."""
     exists = can_restore(cfg)
     if resume and not exists:
-        raise UserError(f"--resume: no experiment named {cfg.sweep.name!r} at {display_path(cfg)}; check "
-                        "sweep.name and sweep.storage_path, or drop --resume to start a new sweep")
+        raise UserError(
+            f"--resume: no experiment named {cfg.sweep.name!r} at {display_path(cfg)}; check "
+            "sweep.name and sweep.storage_path, or drop --resume to start a new sweep"
+        )
     if not resume and exists:
-        raise UserError(f"a sweep named {cfg.sweep.name!r} already exists at {display_path(cfg)}; pass --resume to "
-                        "continue it, or choose a new sweep.name (earlier results are never overwritten)")
+        raise UserError(
+            f"a sweep named {cfg.sweep.name!r} already exists at {display_path(cfg)}; pass --resume to "
+            "continue it, or choose a new sweep.name (earlier results are never overwritten)"
+        )
 
 
 def prepare(cfg: ExperimentConfig, resume: bool = False) -> tuple[TaskData, dict[str, Any]]:

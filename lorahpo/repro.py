@@ -13,8 +13,21 @@ import torch
 
 from lorahpo.config import REPO_ROOT, ExperimentConfig, to_dict
 
-PACKAGES = ("lorahpo", "torch", "transformers", "peft", "lightning", "torchmetrics", "ray", "optuna", "pandas",
-            "pyarrow", "numpy", "tokenizers", "scikit-learn")
+PACKAGES = (
+    "lorahpo",
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "torchmetrics",
+    "ray",
+    "optuna",
+    "pandas",
+    "pyarrow",
+    "numpy",
+    "tokenizers",
+    "scikit-learn",
+)
 
 
 def seed_everything_everywhere(seed: int) -> None:
@@ -39,8 +52,13 @@ def git_state() -> dict[str, Any]:
     """Commit and dirty flag of the code that ran (None outside a git checkout)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.CalledProcessError):
         return {"sha": None, "dirty": None}

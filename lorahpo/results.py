@@ -22,8 +22,17 @@ from lorahpo.data import TaskData
 from lorahpo.search import distribution, experiment_dir
 
 log = logging.getLogger(__name__)
-EPOCH_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_fbeta", "best_epoch",
-                 "early_stopped", "epoch_time_s"]
+EPOCH_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_f1",
+    "val_fbeta",
+    "best_epoch",
+    "early_stopped",
+    "epoch_time_s",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -34,8 +43,9 @@ def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[str, pyar
     """(inner path, filesystem) for a local path or s3://bucket/prefix (optionally an S3-compatible endpoint)."""
     if path.startswith("s3://") and s3_endpoint:
         scheme, _, host = s3_endpoint.rpartition("://")
-        return path.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(endpoint_override=host,
-                                                                               scheme=scheme or "https")
+        return path.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(
+            endpoint_override=host, scheme=scheme or "https"
+        )
     if path.startswith("s3://"):
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)
         return inner.rstrip("/"), fs
@@ -87,20 +97,24 @@ def trials_frame(grid: ResultGrid, cfg: ExperimentConfig) -> pd.DataFrame:
         best_epoch_metrics = next((mm for c, mm in r.best_checkpoints if best is not None and c.path == best.path), {})
         row: dict[str, Any] = {"trial_id": Path(r.path).name}
         row.update({f"param.{k}": v for k, v in r.config.items()})
-        row.update({
-            metric: m.get(metric, math.nan),
-            "best_epoch": m.get("best_epoch"),
-            **{f"best_{k}": best_epoch_metrics.get(k, math.nan) for k in ("val_fbeta", "val_f1", "val_accuracy",
-                                                                           "val_loss")},
-            **{f"last_{k}": m.get(k, math.nan) for k in ("val_fbeta", "val_f1", "val_accuracy", "val_loss")},
-            "epochs": epochs,
-            "stop_reason": _stop_reason(cfg, r, epochs),
-            "wall_time_s": m.get("time_total_s", math.nan),
-            "trainable_params": m.get("trainable_params"),
-            "checkpoint": best.path if best is not None else None,
-            "trial_path": r.path,
-            "error": str(r.error).splitlines()[0] if r.error is not None else None,
-        })
+        row.update(
+            {
+                metric: m.get(metric, math.nan),
+                "best_epoch": m.get("best_epoch"),
+                **{
+                    f"best_{k}": best_epoch_metrics.get(k, math.nan)
+                    for k in ("val_fbeta", "val_f1", "val_accuracy", "val_loss")
+                },
+                **{f"last_{k}": m.get(k, math.nan) for k in ("val_fbeta", "val_f1", "val_accuracy", "val_loss")},
+                "epochs": epochs,
+                "stop_reason": _stop_reason(cfg, r, epochs),
+                "wall_time_s": m.get("time_total_s", math.nan),
+                "trainable_params": m.get("trainable_params"),
+                "checkpoint": best.path if best is not None else None,
+                "trial_path": r.path,
+                "error": str(r.error).splitlines()[0] if r.error is not None else None,
+            }
+        )
         rows.append(row)
     df = pd.DataFrame(rows)
     # best_val_fbeta of the best epoch equals the running best, but keep the column name of the tuning metric unique
@@ -118,8 +132,9 @@ def best_row(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.Series:
 def optuna_study(grid: ResultGrid, cfg: ExperimentConfig) -> optuna.Study:
     """Every trial as an Optuna trial (params, value = tuning metric, one intermediate value per epoch), so the
     predecessor's `pickle.load(...).best_trial` snippet and Optuna's plots work."""
-    study = optuna.create_study(study_name=cfg.sweep.name,
-                                direction="maximize" if cfg.train.mode == "max" else "minimize")
+    study = optuna.create_study(
+        study_name=cfg.sweep.name, direction="maximize" if cfg.train.mode == "max" else "minimize"
+    )
     dists = {k: distribution(s) for k, s in cfg.search.items()}
     for r in ordered(grid):
         m = r.metrics or {}
@@ -128,12 +143,20 @@ def optuna_study(grid: ResultGrid, cfg: ExperimentConfig) -> optuna.Study:
         value = m.get(tuning_metric(cfg))
         state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
         inter = {int(e): float(v) for e, v in zip(hist.get("epoch", []), hist.get(cfg.train.metric, []))}
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: dists[k] for k in params}, value=value, state=state,
-            intermediate_values=inter,
-            user_attrs={"trial_id": Path(r.path).name, "epochs": int(m.get("epoch", 0)),
-                        "stop_reason": _stop_reason(cfg, r, int(m.get("epoch", 0)))},
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: dists[k] for k in params},
+                value=value,
+                state=state,
+                intermediate_values=inter,
+                user_attrs={
+                    "trial_id": Path(r.path).name,
+                    "epochs": int(m.get("epoch", 0)),
+                    "stop_reason": _stop_reason(cfg, r, int(m.get("epoch", 0))),
+                },
+            )
+        )
     return study
 
 
@@ -154,16 +177,16 @@ def write_results(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, manif
     metric = tuning_metric(cfg)
     df = trials_frame(grid, cfg)
     best = best_row(df, cfg)
-    best_cfg = apply_overrides(cfg, {k.removeprefix("param."): v for k, v in best.items()
-                                     if k.startswith("param.")})
+    best_cfg = apply_overrides(cfg, {k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         df.to_parquet(out / "results.parquet", index=False)
         for r in ordered(grid):
             hist = _history(r)
             (out / "trials" / Path(r.path).name).mkdir(parents=True)
-            hist[[c for c in EPOCH_COLUMNS if c in hist]].to_csv(out / "trials" / Path(r.path).name / "metrics.csv",
-                                                                 index=False)
+            hist[[c for c in EPOCH_COLUMNS if c in hist]].to_csv(
+                out / "trials" / Path(r.path).name / "metrics.csv", index=False
+            )
         study = optuna_study(grid, cfg)
         with open(out / "optuna_res.pkl", "wb") as f:
             pickle.dump(study, f)
@@ -229,22 +252,27 @@ def _plain(v: Any) -> Any:
 
 
 def summary_markdown(s: dict[str, Any], df: pd.DataFrame, cfg: ExperimentConfig) -> str:
-    params = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
-                       for k, v in s["best_params"].items())
+    params = "\n".join(
+        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in s["best_params"].items()
+    )
     test = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in s["test"].items()) or "no test split"
-    return (f"# Sweep `{cfg.sweep.name}`\n\n"
-            f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"
-            f"- best trial `{s['best_trial']}`: {s['metric']} = {s['best_value']:.4f} "
-            f"(epoch {s['best_epoch']})\n"
-            f"- test split ({s['test_size']} examples, scored once): {test}\n\n"
-            f"| param | best value |\n|---|---|\n{params}\n")
+    return (
+        f"# Sweep `{cfg.sweep.name}`\n\n"
+        f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"
+        f"- best trial `{s['best_trial']}`: {s['metric']} = {s['best_value']:.4f} "
+        f"(epoch {s['best_epoch']})\n"
+        f"- test split ({s['test_size']} examples, scored once): {test}\n\n"
+        f"| param | best value |\n|---|---|\n{params}\n"
+    )
 
 
 def print_summary(s: dict[str, Any]) -> None:
     print(f"\nResults: {s['experiment']}")
     print(f"  best trial {s['best_trial']}: {s['metric']} = {s['best_value']:.4f}")
-    print("  best params: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in s["best_params"].items()))
+    print(
+        "  best params: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items())
+    )
     if s["test"]:
         print("  test split: " + ", ".join(f"{k} {v:.4f}" for k, v in s["test"].items()))
     print(f"  {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}")

@@ -37,20 +37,26 @@ def make_searcher(cfg: ExperimentConfig) -> OptunaSearch:
     """OptunaSearch with a seeded sampler: TPE, or random search (same machinery, for fair comparisons)."""
     if cfg.sweep.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-            seed=cfg.seed, n_startup_trials=cfg.sweep.n_startup_trials)
+            seed=cfg.seed, n_startup_trials=cfg.sweep.n_startup_trials
+        )
     else:
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     space = optuna_space(cfg)
     points = [dict(p) for p in cfg.sweep.points_to_evaluate] or None  # partial points: Optuna samples the rest
-    return OptunaSearch(space=space, metric=tuning_metric(cfg), mode=cfg.train.mode, sampler=sampler,
-                        points_to_evaluate=points)
+    return OptunaSearch(
+        space=space, metric=tuning_metric(cfg), mode=cfg.train.mode, sampler=sampler, points_to_evaluate=points
+    )
 
 
 def make_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
     if cfg.sweep.scheduler == "asha":
         # time_attr "epoch": the 1-based epochs a trial has completed (survives a resume, unlike wall time)
-        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.max_epochs, grace_period=cfg.sweep.grace_period,
-                             reduction_factor=cfg.sweep.reduction_factor)
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.max_epochs,
+            grace_period=cfg.sweep.grace_period,
+            reduction_factor=cfg.sweep.reduction_factor,
+        )
     return FIFOScheduler()
 
 
@@ -101,16 +107,23 @@ def make_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
         storage_filesystem=None if isinstance(fs, pyarrow.fs.LocalFileSystem) else fs,
         # Keep the best epoch's checkpoint (scored by the per-epoch metric, not the running best, whose ties would
         # pick a later epoch) and the latest (Ray always keeps it, for resume).
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.sweep.num_to_keep,
-                                                checkpoint_score_attribute=cfg.train.metric,
-                                                checkpoint_score_order=cfg.train.mode),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=cfg.sweep.num_to_keep,
+            checkpoint_score_attribute=cfg.train.metric,
+            checkpoint_score_order=cfg.train.mode,
+        ),
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
         verbose=1,
     )
     tune_config = tune.TuneConfig(
-        metric=tuning_metric(cfg), mode=cfg.train.mode, search_alg=make_searcher(cfg), scheduler=make_scheduler(cfg),
-        num_samples=cfg.sweep.num_samples, max_concurrent_trials=cfg.sweep.max_concurrent_trials,
-        trial_dirname_creator=trial_dirname, reuse_actors=False,
+        metric=tuning_metric(cfg),
+        mode=cfg.train.mode,
+        search_alg=make_searcher(cfg),
+        scheduler=make_scheduler(cfg),
+        num_samples=cfg.sweep.num_samples,
+        max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+        trial_dirname_creator=trial_dirname,
+        reuse_actors=False,
     )
     return tune.Tuner(trainable(cfg, data), tune_config=tune_config, run_config=run_config)
 
@@ -124,8 +137,9 @@ def restore_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
     """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
     searcher's state (TPE's history) restored so no trial runs twice."""
     path, fs = experiment_dir(cfg)
-    return tune.Tuner.restore(path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True,
-                              storage_filesystem=fs)
+    return tune.Tuner.restore(
+        path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+    )
 
 
 def describe(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -133,21 +147,26 @@ def describe(cfg: ExperimentConfig) -> dict[str, Any]:
     s = cfg.sweep
     budget = s.num_samples * cfg.train.max_epochs
     return {
-        "searcher": f"{s.searcher} (seed {cfg.seed}" + (f", {s.n_startup_trials} random start-up trials)"
-                                                       if s.searcher == "tpe" else ")"),
-        "scheduler": s.scheduler + (f" (grace {s.grace_period}, reduction {s.reduction_factor}, max_t "
-                                    f"{cfg.train.max_epochs} epochs)" if s.scheduler == "asha" else ""),
+        "searcher": f"{s.searcher} (seed {cfg.seed}"
+        + (f", {s.n_startup_trials} random start-up trials)" if s.searcher == "tpe" else ")"),
+        "scheduler": s.scheduler
+        + (
+            f" (grace {s.grace_period}, reduction {s.reduction_factor}, max_t {cfg.train.max_epochs} epochs)"
+            if s.scheduler == "asha"
+            else ""
+        ),
         "metric": f"{tuning_metric(cfg)} ({cfg.train.mode})",
         "trial_budget": f"{s.num_samples} trials x up to {cfg.train.max_epochs} epochs = at most {budget} trial-epochs",
         "resources": f"{s.cpus_per_trial} CPU + {s.gpus_per_trial} GPU per trial, at most "
-                     f"{s.max_concurrent_trials} at once",
+        f"{s.max_concurrent_trials} at once",
         "storage": display_path(cfg) + (f" (endpoint {s.s3_endpoint})" if s.s3_endpoint else ""),
         "search_space": {k: {a: b for a, b in vars(v).items() if b is not None} for k, v in cfg.search.items()},
     }
 
 
-def run_sweep(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None,
-              resume: bool = False) -> dict[str, Any]:
+def run_sweep(
+    cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the sweep on a local or existing Ray cluster, then write every result."""
     import json
     import tempfile

@@ -1,4 +1,4 @@
-"""One trial: params -> config -> seed -> model -> Lightning fit, one report (metrics + adapter-sized checkpoint) per epoch.
+"""One trial: params -> config -> seed -> model -> Lightning fit; one report (metrics + small checkpoint) per epoch.
 
 `fit` is Ray-free; `tune_trial` wraps it for Ray Tune; `python -m lorahpo.trainable` runs ONE trial without Ray:
 
@@ -18,8 +18,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -73,8 +74,13 @@ class EpochReporter(L.Callback):
         early = epoch - self.best_epoch >= self.cfg.train.patience and epoch < self.cfg.train.max_epochs
         if early:
             trainer.should_stop = True
-        row.update(epoch=epoch, best_epoch=self.best_epoch, early_stopped=early,
-                   epoch_time_s=time.perf_counter() - self.epoch_start, **self.extra)
+        row.update(
+            epoch=epoch,
+            best_epoch=self.best_epoch,
+            early_stopped=early,
+            epoch_time_s=time.perf_counter() - self.epoch_start,
+            **self.extra,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             trainer.save_checkpoint(Path(tmp) / CKPT_NAME)
             self.report(row, Path(tmp))
@@ -109,14 +115,30 @@ def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
 
 def _trainer(cfg: ExperimentConfig, callbacks: list[L.Callback], gpu: bool) -> L.Trainer:
     return L.Trainer(
-        accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=cfg.train.max_epochs, callbacks=callbacks,
-        precision=_precision(cfg), logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn", use_distributed_sampler=False,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        max_epochs=cfg.train.max_epochs,
+        callbacks=callbacks,
+        precision=_precision(cfg),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic="warn",
+        use_distributed_sampler=False,
     )
 
 
-def fit(cfg: ExperimentConfig, data: TaskData, report: ReportFn, resume_from: Path | None = None,
-        num_threads: int | None = None, gpu: bool = False, tags: dict[str, Any] | None = None) -> LoraClassifier:
+def fit(
+    cfg: ExperimentConfig,
+    data: TaskData,
+    report: ReportFn,
+    resume_from: Path | None = None,
+    num_threads: int | None = None,
+    gpu: bool = False,
+    tags: dict[str, Any] | None = None,
+) -> LoraClassifier:
     """Train one trial; `report` gets one call per epoch. `resume_from` continues a checkpoint exactly."""
     torch.set_num_threads(cfg.train.num_threads or num_threads or torch.get_num_threads())
     module = build_module(cfg, data)
@@ -143,8 +165,9 @@ def load_trained(cfg: ExperimentConfig, data: TaskData, ckpt: Path) -> LoraClass
 
 
 @torch.no_grad()
-def evaluate(module: LoraClassifier, split: Split, tokenizer: Any, batch_size: int, prefix: str = "test_"
-             ) -> dict[str, float]:
+def evaluate(
+    module: LoraClassifier, split: Split, tokenizer: Any, batch_size: int, prefix: str = "test_"
+) -> dict[str, float]:
     """Accuracy, macro-F1, F-beta and loss on a split (the test split is scored ONCE, for the best trial)."""
     module.eval()
     for batch in make_loader(split, tokenizer, batch_size, 0, shuffle=False):

@@ -74,15 +74,27 @@ def procs() -> Iterator[list[subprocess.Popen]]:
 
 def cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run tune_lora.py to completion as a real subprocess."""
-    return subprocess.run([sys.executable, str(ROOT / "tune_lora.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tune_lora.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
 
 
 def cli_background(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start tune_lora.py in its own process group (so a SIGKILL takes its local Ray with it)."""
     out = open(log, "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "tune_lora.py"), *args], stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tune_lora.py"), *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
 
 
 def tiny_args(storage: Path, **overrides: object) -> list[str]:

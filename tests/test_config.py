@@ -28,8 +28,17 @@ def test_shipped_configs_present() -> None:
 
 
 def test_overrides_round_trip(tmp_path: Path) -> None:
-    cfg = load_config(None, ["train.lr=1e-4", "lora.r=16", "data.split=[0.7,0.3,0]", "model.num_layers=null",
-                             "lora.target_modules=q_proj,v_proj", "sweep.gpus_per_trial=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "lora.r=16",
+            "data.split=[0.7,0.3,0]",
+            "model.num_layers=null",
+            "lora.target_modules=q_proj,v_proj",
+            "sweep.gpus_per_trial=0.5",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.lora.r == 16
     assert cfg.data.split == (0.7, 0.3, 0.0)
@@ -49,8 +58,11 @@ def test_yaml_exponent_without_dot_is_a_float() -> None:
 
 
 def test_unknown_key_names_nearest() -> None:
-    with pytest.raises(UserError, match=r"unknown config key 'train.learning_rat'.*did you mean 'train.lr'|"
-                                        r"unknown config key 'train.learning_rat'"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown config key 'train.learning_rat'.*did you mean 'train.lr'|"
+        r"unknown config key 'train.learning_rat'",
+    ):
         load_config(None, ["train.learning_rat=1"])
     with pytest.raises(UserError, match=r"unknown config key 'lora.rr': did you mean 'lora.r'\?"):
         load_config(None, ["lora.rr=4"])
@@ -61,7 +73,9 @@ def test_unknown_key_names_nearest() -> None:
 def test_wrong_type_is_named() -> None:
     with pytest.raises(UserError, match=r"lora.r='abc' must be an integer"):
         load_config(None, ["lora.r=abc"])
-    with pytest.raises(UserError, match=r"sweep.scheduler='hyperband' is not allowed; choose one of \['asha', 'fifo'\]"):
+    with pytest.raises(
+        UserError, match=r"sweep.scheduler='hyperband' is not allowed; choose one of \['asha', 'fifo'\]"
+    ):
         load_config(None, ["sweep.scheduler=hyperband"])
 
 

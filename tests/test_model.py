@@ -34,7 +34,7 @@ def test_seed_before_build_makes_init_identical(tiny_cfg: ExperimentConfig, tiny
 def test_save_load_identical_logits(tmp_path, tiny_cfg: ExperimentConfig, tiny_data: TaskData) -> None:
     model = _model(tiny_cfg, tiny_data)
     with torch.no_grad():  # make the adapter and head non-trivial
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     model.eval()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from peft import PeftModel
 
-from lorahpo.config import dump_config, load_config, to_dict
+from lorahpo.config import load_config, to_dict
 from lorahpo.data import load_task
 from lorahpo.model import build_base, load_tokenizer
 from lorahpo.results import load_experiment, load_journal
@@ -23,10 +23,25 @@ from .conftest import cli, cli_background, tiny_args, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
 VAL = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_fbeta"]
-OUTPUTS = ["results.parquet", "optuna_res.pkl", "optuna_journal.log", "summary.json", "summary.md", "manifest.json",
-           "config.yaml", "split.json", "best/adapter_model.safetensors", "best/adapter_config.json",
-           "best/best_config.yaml", "best/tokenizer.json", "best/labels.json", "optimization_history.png",
-           "learning_curves.png", "parallel_coordinates.png", "param_importances.png"]
+OUTPUTS = [
+    "results.parquet",
+    "optuna_res.pkl",
+    "optuna_journal.log",
+    "summary.json",
+    "summary.md",
+    "manifest.json",
+    "config.yaml",
+    "split.json",
+    "best/adapter_model.safetensors",
+    "best/adapter_config.json",
+    "best/best_config.yaml",
+    "best/tokenizer.json",
+    "best/labels.json",
+    "optimization_history.png",
+    "learning_curves.png",
+    "parallel_coordinates.png",
+    "param_importances.png",
+]
 
 
 def write_config(path: Path, **overrides: object) -> Path:
@@ -45,14 +60,29 @@ def write_config(path: Path, **overrides: object) -> Path:
 
 def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     # Trial 1 weighs the positive class 0.01: it predicts no spam, F-beta 0 at epoch 1, below trial 0 -> ASHA stops it.
-    search = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-              "train.class_weight": {"type": "float", "low": 0.01, "high": 10.0},
-              "lora.r": {"type": "categorical", "choices": [4, 8]}}
-    points = [{"train.lr": 5e-3, "train.class_weight": 6.0, "lora.r": 8},
-              {"train.lr": 5e-3, "train.class_weight": 0.01, "lora.r": 8}]
-    config = write_config(tmp_path / "c.yaml", search=search, points=points, **{
-        "train.max_epochs": 3, "sweep.num_samples": 4, "sweep.n_startup_trials": 2, "sweep.grace_period": 1,
-        "sweep.reduction_factor": 2, "sweep.storage_path": str(tmp_path / "store"), "sweep.name": "e2e"})
+    search = {
+        "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        "train.class_weight": {"type": "float", "low": 0.01, "high": 10.0},
+        "lora.r": {"type": "categorical", "choices": [4, 8]},
+    }
+    points = [
+        {"train.lr": 5e-3, "train.class_weight": 6.0, "lora.r": 8},
+        {"train.lr": 5e-3, "train.class_weight": 0.01, "lora.r": 8},
+    ]
+    config = write_config(
+        tmp_path / "c.yaml",
+        search=search,
+        points=points,
+        **{
+            "train.max_epochs": 3,
+            "sweep.num_samples": 4,
+            "sweep.n_startup_trials": 2,
+            "sweep.grace_period": 1,
+            "sweep.reduction_factor": 2,
+            "sweep.storage_path": str(tmp_path / "store"),
+            "sweep.name": "e2e",
+        },
+    )
     run = cli(["--config", str(config)])
     assert run.returncode == 0, run.stderr[-3000:]
     exp = tmp_path / "store" / "e2e"
@@ -100,8 +130,18 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
 
 def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
     def sweep(name: str, seed: int) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
-        run = cli(tiny_args(tmp_path, **{"sweep.name": name, "seed": seed, "sweep.num_samples": 3,
-                                         "sweep.n_startup_trials": 2, "sweep.points_to_evaluate": "[]"}))
+        run = cli(
+            tiny_args(
+                tmp_path,
+                **{
+                    "sweep.name": name,
+                    "seed": seed,
+                    "sweep.num_samples": 3,
+                    "sweep.n_startup_trials": 2,
+                    "sweep.points_to_evaluate": "[]",
+                },
+            )
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         df = pd.read_parquet(tmp_path / name / "results.parquet")
         curves = [pd.read_csv(tmp_path / name / "trials" / t / "metrics.csv")[VAL] for t in df["trial_id"]]
@@ -119,14 +159,25 @@ def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None:
-    args = tiny_args(tmp_path, **{"sweep.name": "kill", "sweep.num_samples": 4, "data.max_examples": 1500,
-                                  "train.max_epochs": 2, "sweep.scheduler": "fifo"})
+    args = tiny_args(
+        tmp_path,
+        **{
+            "sweep.name": "kill",
+            "sweep.num_samples": 4,
+            "data.max_examples": 1500,
+            "train.max_epochs": 2,
+            "sweep.scheduler": "fifo",
+        },
+    )
     proc = cli_background(args, tmp_path / "driver.log")
     procs.append(proc)
     exp = tmp_path / "kill"
     # kill once the second trial has reported (so one trial is done and one is mid-flight)
-    wait_for(lambda: sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2,
-             timeout=300, what="two trials reporting")
+    wait_for(
+        lambda: sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2,
+        timeout=300,
+        what="two trials reporting",
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     before = {p.parent.name for p in exp.glob("*/params.json")}
@@ -144,10 +195,19 @@ def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None
 
 def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, procs: list) -> None:
     config = write_config(
-        tmp_path / "c.yaml", search={"lora.dropout": {"type": "categorical", "choices": [0.1]}},
+        tmp_path / "c.yaml",
+        search={"lora.dropout": {"type": "categorical", "choices": [0.1]}},
         points=[{"lora.dropout": 0.1}],
-        **{"data.max_examples": None, "train.max_epochs": 3, "lora.dropout": 0.1, "sweep.max_failures": 1,
-           "sweep.num_samples": 1, "sweep.name": "retry", "sweep.storage_path": str(tmp_path)})
+        **{
+            "data.max_examples": None,
+            "train.max_epochs": 3,
+            "lora.dropout": 0.1,
+            "sweep.max_failures": 1,
+            "sweep.num_samples": 1,
+            "sweep.name": "retry",
+            "sweep.storage_path": str(tmp_path),
+        },
+    )
     args = ["--config", str(config)]
     proc = cli_background(args, tmp_path / "driver.log")
     procs.append(proc)

@@ -82,8 +82,13 @@ def test_run_single_writes_outputs_and_refuses_to_overwrite(tmp_path: Path, tiny
 
 
 def test_cli_one_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["--out", str(tmp_path / "cli"), "model.name=tiny-random-llama", "data.max_examples=200",
-            "train.max_epochs=1"]
+    args = [
+        "--out",
+        str(tmp_path / "cli"),
+        "model.name=tiny-random-llama",
+        "data.max_examples=200",
+        "train.max_epochs=1",
+    ]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["epoch"] == 1
     assert main(["--out", str(tmp_path / "x"), "lora.rr=3"]) == 2
@@ -102,5 +107,7 @@ def test_embedded_smollm2_fetch_convert_cache_and_train(tmp_path: Path, monkeypa
     assert json.loads((cached / "config.json").read_text())["num_hidden_layers"] == 30
     data = load_task(cfg.data, tok, cfg.seed)
     rows = _rows(cfg, data)
-    assert rows[0]["epoch"] == 1 and rows[0]["trainable_params"] == 31872  # r=8: q,o 2*8*576 each; k,v 8*(576+192) each; head 2*576
+    assert (
+        rows[0]["epoch"] == 1 and rows[0]["trainable_params"] == 31872
+    )  # r=8: q,o 2*8*576 each; k,v 8*(576+192) each; head 2*576
     assert 0.0 <= rows[0]["val_fbeta"] <= 1.0 and rows[0]["val_accuracy"] > 0.8
