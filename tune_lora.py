@@ -19,6 +19,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name and storage")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep of the same name (deletes it)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start locally)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=3e-4")
@@ -32,14 +33,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from lorahpo.preflight import prepare
+        from lorahpo.preflight import check_cluster, prepare
         from lorahpo.search import run_sweep
 
-        data, plan = prepare(cfg, resume=args.resume)
+        if args.resume and args.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        data, plan = prepare(cfg, resume=args.resume, overwrite=args.overwrite, local=address is None)
         if args.dry_run:
+            if address is not None:  # a cluster's resources can only be checked by asking it
+                check_cluster(cfg, address)
             print(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=120))
             return 0
-        summary = run_sweep(cfg, data, plan, address=args.address or os.environ.get("RAY_ADDRESS"), resume=args.resume)
+        summary = run_sweep(cfg, data, plan, address=address, resume=args.resume, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -117,12 +117,14 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
             raise UserError(
                 f"{key}={col!r} is not a column of {cfg.path}; its columns are {list(map(str, df.columns))}"
             )
+    if df.empty:
+        raise UserError(f"data.path={cfg.path} has no rows (only a header); add data")
     df = df[[cfg.text_column, cfg.label_column]].set_axis(["text", "label"], axis=1)
     missing = df["text"].isna() | (df["text"].astype(str).str.strip() == "")
     if missing.any():
         raise UserError(
             f"{int(missing.sum())} of {len(df)} rows of {cfg.path} have an empty or missing text "
-            f"(column {cfg.text_column!r}); remove them or fill them in"
+            f"(column {cfg.text_column!r}); they were rejected, not dropped: remove them or fill them in"
         )
     if df["label"].isna().any():
         raise UserError(

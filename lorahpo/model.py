@@ -132,14 +132,65 @@ def resolve_source(cfg: ModelConfig) -> str:
     return cfg.name  # a hub id
 
 
+def _hub_error(cfg: ModelConfig, err: BaseException) -> UserError | None:
+    """One line for the hub failures a user can fix: unknown id, gated repo without a token, offline and uncached."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = []
+    while err is not None and len(chain) < 10:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    kinds = tuple(type(e) for e in chain)
+    name = cfg.name
+    if any(issubclass(k, GatedRepoError) for k in kinds):
+        return UserError(
+            f"model.name={name} is gated: accept its licence at https://huggingface.co/{name} and provide "
+            "a token (export HF_TOKEN=hf_... or run `huggingface-cli login`)"
+        )
+    if any(issubclass(k, RevisionNotFoundError) for k in kinds):
+        return UserError(f"model.revision={cfg.revision} does not exist for {name}; use a branch, tag or commit of it")
+    if any(issubclass(k, RepositoryNotFoundError) for k in kinds):
+        return UserError(
+            f"model.name={name} is not a model on the Hugging Face hub (or it is private and no token "
+            "was given) nor a local directory; check the id, or give a path like ./my-model"
+        )
+    if any(issubclass(k, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for k in kinds):
+        return UserError(
+            f"model.name={name} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(no network or HF_HUB_OFFLINE=1); run `huggingface-cli download {name}` where there is "
+            "network, or set model.name to a local directory"
+        )
+    return None
+
+
+def _from_hub(cfg: ModelConfig, load: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        user = _hub_error(cfg, e)
+        if user is None:
+            raise
+        raise user from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """Tokenizer with a pad token and right padding (positions of real tokens don't move with padding)."""
     if cfg.name == TINY:
         return _tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    tok = _from_hub(
+        cfg,
+        AutoTokenizer.from_pretrained,
+        resolve_source(cfg),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
     )
     if tok.pad_token is None:  # Llama ships without one; eos never occurs inside our texts
         tok.pad_token = tok.eos_token
@@ -154,7 +205,13 @@ def load_model_config(cfg: ModelConfig) -> Any:
         return _tiny_config(TINY_VOCAB, tok.pad_token_id, cfg.num_layers)
     from transformers import AutoConfig
 
-    mc = AutoConfig.from_pretrained(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    mc = _from_hub(
+        cfg,
+        AutoConfig.from_pretrained,
+        resolve_source(cfg),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     if cfg.num_layers is not None:
         if cfg.num_layers > mc.num_hidden_layers:
             raise UserError(

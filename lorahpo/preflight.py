@@ -4,12 +4,17 @@ against the model, existing experiments. Errors are `UserError`s: one line namin
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from typing import Any
 
-from lorahpo.config import ExperimentConfig, UserError, to_dict
+import pyarrow.fs
+import torch
+
+from lorahpo.config import ExperimentConfig, UserError, config_from_yaml, to_dict
 from lorahpo.data import TaskData, load_task
 from lorahpo.model import load_model_config, load_tokenizer
-from lorahpo.search import can_restore, describe, display_path
+from lorahpo.search import can_restore, describe, display_path, experiment_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +41,145 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
         )
 
 
-def check_experiment(cfg: ExperimentConfig, resume: bool) -> None:
-    """Never overwrite an earlier sweep silently; never 'resume' nothing."""
-    exists = can_restore(cfg)
-    if resume and not exists:
+def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = False) -> None:
+    """Never overwrite an earlier sweep silently; never 'resume' nothing; never resume with another config."""
+    path, fs = experiment_dir(cfg)
+    where = display_path(cfg)
+    if resume:
+        if not can_restore(cfg):
+            raise UserError(
+                f"--resume: no experiment named {cfg.sweep.name!r} at {where}; check sweep.name and "
+                "sweep.storage_path, or drop --resume to start a new sweep"
+            )
+        check_same_config(cfg, read_text(fs, f"{path}/config.yaml"), where)
+        return
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound and not overwrite:
         raise UserError(
-            f"--resume: no experiment named {cfg.sweep.name!r} at {display_path(cfg)}; check "
-            "sweep.name and sweep.storage_path, or drop --resume to start a new sweep"
-        )
-    if not resume and exists:
-        raise UserError(
-            f"a sweep named {cfg.sweep.name!r} already exists at {display_path(cfg)}; pass --resume to "
-            "continue it, or choose a new sweep.name (earlier results are never overwritten)"
+            f"a sweep named {cfg.sweep.name!r} already exists at {where}; pass --resume to continue it, "
+            "--overwrite to replace it, or choose a new sweep.name (earlier results are never deleted silently)"
         )
 
 
-def prepare(cfg: ExperimentConfig, resume: bool = False) -> tuple[TaskData, dict[str, Any]]:
-    """Validate everything and tokenize the data once; return the data and the plan --dry-run prints."""
-    check_experiment(cfg, resume)
+def read_text(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+# Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may.
+RELOCATABLE = {"sweep.storage_path", "sweep.s3_endpoint"}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "search" and not prefix.startswith("search"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str) -> None:
+    """Refuse to resume a sweep under a different config: its trials would not be comparable."""
+    if stored_yaml is None:
+        raise UserError(
+            f"--resume: {where} has no config.yaml; it was not started by tune_lora.py and cannot be resumed"
+        )
+    old, new = flatten(to_dict(config_from_yaml(stored_yaml))), flatten(to_dict(cfg))
+    diff = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in RELOCATABLE and old.get(k) != new.get(k)
+    ]
+    if diff:
+        raise UserError(
+            f"--resume with a config that differs from the interrupted sweep's ({'; '.join(diff)}); resume with "
+            f"the same config (saved as {where}/config.yaml) or start a new sweep.name"
+        )
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere torch emulates bf16, very slowly."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.machine().lower() in ("arm64", "aarch64")  # Apple silicon / Graviton have bf16 paths
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def check_dtype(cfg: ExperimentConfig, cpu_bf16: bool, cuda_bf16: list[bool]) -> None:
+    """Half precision the trials' hardware can't do. `cuda_bf16`: bf16 support of the GPUs this process sees (on a
+    cluster the driver may have none; the trial checks its own GPU again when it starts)."""
+    dtype = cfg.model.dtype
+    if dtype == "float32":
+        return
+    if cfg.sweep.gpus_per_trial == 0:
+        if dtype == "float16":
+            raise UserError(
+                "model.dtype=float16 needs a GPU but sweep.gpus_per_trial=0; use model.dtype=float32 on CPU "
+                "(or bfloat16 on a CPU with native bf16)"
+            )
+        if not cpu_bf16:
+            raise UserError(
+                "model.dtype=bfloat16 but trials run on CPU (sweep.gpus_per_trial=0) and this CPU has no native bf16 "
+                "(AVX512-BF16/AMX); set model.dtype=float32"
+            )
+    elif dtype == "bfloat16" and cuda_bf16 and not all(cuda_bf16):
+        raise UserError(
+            "model.dtype=bfloat16 but this GPU has no bf16 support (it needs Ampere or newer); set "
+            "model.dtype=float16 or float32"
+        )
+
+
+def local_nodes() -> list[dict[str, float]]:
+    """What a local Ray will offer: all CPUs and GPUs of this machine."""
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Resources of every alive node of the connected Ray cluster."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_cluster(cfg: ExperimentConfig, address: str) -> None:
+    """--dry-run against a running cluster: connect, check what only the cluster can tell, disconnect."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        check_resources(cfg, cluster_nodes())
+    finally:
+        ray.shutdown()
+
+
+def check_resources(cfg: ExperimentConfig, nodes: list[dict[str, float]]) -> None:
+    """A trial no node can hold would wait forever in Tune's queue: fail fast and show what the cluster has."""
+    cpus, gpus = cfg.sweep.cpus_per_trial, cfg.sweep.gpus_per_trial
+    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        return
+    have = "; ".join(f"node {i + 1}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for i, n in enumerate(nodes))
+    raise UserError(
+        f"no node can run a trial of sweep.cpus_per_trial={cpus:g} and sweep.gpus_per_trial={gpus:g}; the cluster "
+        f"has {have}; lower them (or add nodes with --address)"
+    )
+
+
+def prepare(
+    cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, local: bool = True
+) -> tuple[TaskData, dict[str, Any]]:
+    """Validate everything and tokenize the data once; return the data and the plan --dry-run prints.
+    `local`: the sweep will start its own Ray on this machine, so its resources can be checked now."""
+    check_experiment(cfg, resume, overwrite)
+    if local:
+        check_resources(cfg, local_nodes())
+    cuda = [torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count())]
+    check_dtype(cfg, cpu_has_bf16(), cuda)
     check_model_fit(cfg, load_model_config(cfg.model))
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
-    plan = {"config": to_dict(cfg), **describe(cfg), "data": data.info, "resume": resume}
+    plan = {"config": to_dict(cfg), **describe(cfg), "data": data.info, "resume": resume, "overwrite": overwrite}
     return data, plan

@@ -165,7 +165,12 @@ def describe(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def run_sweep(
-    cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None, resume: bool = False
+    cfg: ExperimentConfig,
+    data: TaskData,
+    plan: dict[str, Any],
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep on a local or existing Ray cluster, then write every result."""
     import json
@@ -180,6 +185,9 @@ def run_sweep(
 
     meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
     exp, fs = experiment_dir(cfg)
+    if overwrite and fs.get_file_info(exp).type != pyarrow.fs.FileType.NotFound:
+        log.warning("--overwrite: deleting the earlier experiment at %s", display_path(cfg))
+        fs.delete_dir(exp)
     if not resume:  # provenance before any training; the config is what --resume and load_experiment read back
         fs.create_dir(exp)
         with tempfile.TemporaryDirectory() as tmp:
@@ -190,6 +198,9 @@ def run_sweep(
     # "local" starts a fresh local Ray even if a stale one from a killed run is still up (plain init would join it).
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
+        from lorahpo.preflight import check_resources, cluster_nodes
+
+        check_resources(cfg, cluster_nodes())  # before any trial: Tune would queue an unplaceable trial forever
         tuner = restore_tuner(cfg, data) if resume else make_tuner(cfg, data)
         grid = tuner.fit()
         return write_results(cfg, grid, data, meta)

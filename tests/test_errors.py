@@ -1,0 +1,293 @@
+"""Every user mistake: one line on stderr naming the problem (and the fix), exit code 2, no traceback, nothing trained
+or written. Most cases run `tune_lora.main` in-process (the same code path as the CLI); those that involve the
+process boundary (exit status, environment, a real HTTP endpoint) run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import tune_lora
+from lorahpo.config import load_config
+from lorahpo.preflight import check_dtype
+
+from .conftest import cli, tiny_args, tiny_config
+from .fake_hub import FakeHub
+
+FAKE_TOKEN = "hf_lorahpoTESTtoken0123456789abcdefXYZ"
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture, storage: Path) -> str:
+    """Run the CLI in-process; assert exit 2, one stderr line, and no experiment written; return the message."""
+    code = tune_lora.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not storage.exists() or not any(storage.rglob("*")), "nothing may be written before the error"
+    return err[0]
+
+
+@pytest.fixture
+def run(tmp_path: Path, capsys: pytest.CaptureFixture):
+    storage = tmp_path / "store"
+
+    def _run(*overrides: str, config: Path | None = None, flags: tuple[str, ...] = ()) -> str:
+        base = tiny_args(storage)
+        args = ([] if config is None else ["--config", str(config)]) + list(flags) + base + list(overrides)
+        return fails(args, capsys, storage)
+
+    return _run
+
+
+def csv_file(tmp_path: Path, rows: dict[str, list], name: str = "d.csv") -> str:
+    path = tmp_path / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+SPAM = ["win cash now", "free prize", "call now to claim"]
+HAM = ["see you at 5", "ok thanks", "on my way home", "what time is dinner"]
+
+
+def good_rows(n: int = 40) -> dict[str, list]:
+    texts = [(SPAM if i % 4 == 0 else HAM)[i % 3] + f" {i}" for i in range(n)]
+    return {"text": texts, "label": ["spam" if i % 4 == 0 else "ham" for i in range(n)]}
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+
+
+def test_data_file_missing(run, tmp_path: Path) -> None:
+    msg = run(f"data.path={tmp_path / 'nope.csv'}")
+    assert "nope.csv does not exist" in msg and "CSV, TSV, JSONL or Parquet" in msg
+
+
+def test_data_file_empty(run, tmp_path: Path) -> None:
+    (tmp_path / "e.csv").write_text("")
+    assert re.search(r"data.path=.*e.csv is empty", run(f"data.path={tmp_path / 'e.csv'}"))
+    (tmp_path / "h.csv").write_text("text,label\n")
+    assert "has no rows" in run(f"data.path={tmp_path / 'h.csv'}")
+
+
+def test_data_format_unrecognised(run, tmp_path: Path) -> None:
+    (tmp_path / "d.xlsx").write_text("x")
+    assert "unrecognised format '.xlsx'; use one of ['.csv', '.jsonl', '.parquet', '.tsv']" in run(
+        f"data.path={tmp_path / 'd.xlsx'}"
+    )
+
+
+def test_data_column_missing_names_existing(run, tmp_path: Path) -> None:
+    path = csv_file(tmp_path, good_rows())
+    msg = run(f"data.path={path}", "data.text_column=body")
+    assert "data.text_column='body' is not a column" in msg and "its columns are ['text', 'label']" in msg
+    assert "data.label_column='y' is not a column" in run(f"data.path={path}", "data.label_column=y")
+
+
+def test_data_empty_texts_counted_and_rejected(run, tmp_path: Path) -> None:
+    rows = good_rows()
+    rows["text"][3] = ""
+    rows["text"][7] = "   "
+    msg = run(f"data.path={csv_file(tmp_path, rows)}")
+    assert "2 of 40 rows" in msg and "empty or missing text" in msg and "rejected" in msg
+
+
+def test_data_single_class(run, tmp_path: Path) -> None:
+    path = csv_file(tmp_path, {"text": [f"t {i}" for i in range(20)], "label": ["ham"] * 20})
+    assert "only one class (['ham'])" in run(f"data.path={path}", "data.positive_label=null")
+
+
+def test_data_positive_label_missing(run, tmp_path: Path) -> None:
+    rows = good_rows()
+    rows["label"] = ["a" if x == "spam" else "b" for x in rows["label"]]
+    msg = run(f"data.path={csv_file(tmp_path, rows)}", "data.positive_label=spam")
+    assert "data.positive_label='spam' is not among the labels ['a', 'b']" in msg
+
+
+def test_data_split_too_small_to_stratify(run, tmp_path: Path) -> None:
+    rows = {"text": [f"t {i}" for i in range(30)], "label": ["spam"] * 2 + ["ham"] * 28}
+    msg = run(f"data.path={csv_file(tmp_path, rows)}")
+    assert "the smallest class has 2 examples: too few for a stratified val split of 0.15" in msg
+
+
+def test_data_split_fractions(run) -> None:
+    assert "must be three non-negative train/val/test fractions that add up to 1" in run("data.split=[0.7,0.2,0.2]")
+
+
+def test_data_undecodable_bytes(run, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncaf\xe9 ouvert,ham\nwin,spam\n".encode("latin-1"))
+    assert "is not valid UTF-8" in run(f"data.path={path}") and "re-save it as UTF-8" in run(f"data.path={path}")
+
+
+# -------------------------------------------------------------------------------------------------------------- config
+
+
+def test_config_unknown_key(run) -> None:
+    assert "unknown config key 'train.lrr': did you mean 'train.lr'?" in run("train.lrr=0.1")
+
+
+def test_config_wrong_type(run) -> None:
+    assert "train.batch_size='big' must be an integer" in run("train.batch_size=big")
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"type": "float", "low": 1e-2, "high": 1e-4, "log": True}, "low=0.01 is above high=0.0001; swap them"),
+        ({"type": "float", "low": 0.0, "high": 1e-3, "log": True}, "a log scale needs low > 0 (got low=0.0)"),
+        ({"type": "categorical", "choices": []}, "categorical with an empty choice list"),
+    ],
+)
+def test_config_bad_search_space(run, tmp_path: Path, spec: dict, expected: str) -> None:
+    import yaml
+
+    from lorahpo.config import to_dict
+
+    raw = to_dict(tiny_config())
+    raw["search"]["train.lr"] = spec
+    raw["sweep"]["points_to_evaluate"] = []
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    msg = run(config=tmp_path / "c.yaml")
+    assert "search.train.lr" in msg and expected in msg
+
+
+def test_config_last_n_out_of_range(run) -> None:
+    assert "lora.last_n=5 (config or search space) exceeds the 4 layers of tiny-random-llama" in run("lora.last_n=5")
+    assert "lora.last_n=0 must be >= 1" in run("lora.last_n=0")
+
+
+def test_config_r_below_one(run) -> None:
+    assert "lora.r=0 must be >= 1" in run("lora.r=0")
+
+
+def test_config_max_length_beyond_model(run) -> None:
+    assert "data.max_length=4096 exceeds what tiny-random-llama supports (512 positions)" in run("data.max_length=4096")
+
+
+def test_config_half_precision_without_hardware(run) -> None:
+    assert "model.dtype=float16 needs a GPU but sweep.gpus_per_trial=0" in run("model.dtype=float16")
+
+
+def test_bf16_on_cpu_without_native_bf16() -> None:
+    """This machine's CPU has AVX512-BF16, so the CPU without it is described to the check (a stand-in)."""
+    from lorahpo.config import UserError
+
+    cfg = tiny_config(**{"model.dtype": "bfloat16"})
+    check_dtype(cfg, cpu_bf16=True, cuda_bf16=[])  # fine where the CPU has it
+    with pytest.raises(UserError, match="this CPU has no native bf16 .*; set model.dtype=float32"):
+        check_dtype(cfg, cpu_bf16=False, cuda_bf16=[])
+    gpu = tiny_config(**{"model.dtype": "bfloat16", "sweep.gpus_per_trial": 1})
+    with pytest.raises(UserError, match="this GPU has no bf16 support"):
+        check_dtype(gpu, cpu_bf16=True, cuda_bf16=[False])
+
+
+def test_config_metric_and_mode(run) -> None:
+    assert "train.metric='val_auc' is not a metric; choose one of" in run("train.metric=val_auc")
+    assert "train.mode='maximize' is not allowed; choose one of ['min', 'max']" in run("train.mode=maximize")
+    assert "contradicts val_loss (set train.mode=min)" in run("train.metric=val_loss")
+
+
+def test_config_point_outside_space(run) -> None:
+    assert "names ['train.batch_size'], which are not in the search space" in run(
+        "sweep.points_to_evaluate=[{train.batch_size: 8}]"
+    )
+
+
+def test_config_file_missing_and_invalid(run, tmp_path: Path) -> None:
+    assert "does not exist (pass --config PATH" in run(config=tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    assert "is not valid YAML" in run(config=tmp_path / "bad.yaml")
+
+
+# --------------------------------------------------------------------------------------------------------------- model
+
+
+def test_model_local_dir_missing(run) -> None:
+    assert "local model directory" in run("model.name=./no-such-model-dir") and "does not exist" in run(
+        "model.name=./no-such-model-dir"
+    )
+
+
+def _cli_error(tmp_path: Path, overrides: list[str], env: dict[str, str]) -> str:
+    proc = cli(tiny_args(tmp_path / "store") + overrides + ["--dry-run"], env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+def test_model_unknown_hub_id_and_gated_without_token(tmp_path: Path) -> None:
+    with FakeHub() as url:
+        env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}
+        msg = _cli_error(tmp_path, ["model.name=someone/no-such-model"], env)
+        assert "model.name=someone/no-such-model is not a model on the Hugging Face hub" in msg
+        msg = _cli_error(tmp_path, ["model.name=gated-org/llama-gated"], env)
+        assert "model.name=gated-org/llama-gated is gated" in msg and "HF_TOKEN" in msg
+
+
+def test_model_offline_and_not_cached(tmp_path: Path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    msg = _cli_error(tmp_path, ["model.name=meta-llama/Llama-3.2-3B-Instruct"], env)
+    assert "is not in the local Hugging Face cache and the hub cannot be reached" in msg
+
+
+# ----------------------------------------------------------------------------------------------- resources and storage
+
+
+def test_more_cpus_or_gpus_than_any_node(run) -> None:
+    msg = run("sweep.cpus_per_trial=64")
+    assert "no node can run a trial of sweep.cpus_per_trial=64" in msg and f"{os.cpu_count()} CPU, 0 GPU" in msg
+    assert "sweep.gpus_per_trial=1" in run("sweep.gpus_per_trial=1")
+
+
+def test_storage_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    args = tiny_args(blocker / "store")
+    msg = fails(args, capsys, tmp_path / "none")
+    assert str(blocker / "store") in msg
+
+
+def test_resume_and_overwrite_together(run) -> None:
+    assert "--resume and --overwrite contradict each other" in run(flags=("--resume", "--overwrite"))
+
+
+def test_resume_without_experiment(run) -> None:
+    assert "--resume: no experiment named 'lora_sweep'" in run(flags=("--resume",))
+
+
+@pytest.mark.slow
+def test_existing_sweep_refused_resume_config_checked_token_never_written(tmp_path: Path) -> None:
+    """One real sweep (with a planted fake HF token), then the mistakes that need an existing experiment."""
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    (hf_home / "token").write_text(FAKE_TOKEN)
+    env = {"HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
+    args = tiny_args(tmp_path / "store", **{"sweep.num_samples": 2, "train.max_epochs": 1})
+    first = cli(args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exp = tmp_path / "store" / "lora_sweep"
+    files = [p for p in exp.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
+    assert not leaked, f"token written into {leaked}"
+    assert FAKE_TOKEN not in first.stdout + first.stderr
+    before = sorted(str(p) for p in files)
+
+    again = cli(args)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
+        f"error: a sweep named 'lora_sweep' already exists at {exp}; pass --resume to continue it, --overwrite to "
+        "replace it, or choose a new sweep.name (earlier results are never deleted silently)"
+    )
+    changed = cli([*args, "--resume", "train.lr=0.5"])
+    assert changed.returncode == 2
+    assert "--resume with a config that differs from the interrupted sweep's (train.lr: 0.002 -> 0.5)" in (
+        changed.stderr
+    )
+    assert sorted(str(p) for p in exp.rglob("*") if p.is_file()) == before  # nothing touched
+    assert load_config(exp / "config.yaml").train.lr == 0.002
