@@ -63,6 +63,9 @@ def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfi
         (line,) = ax.plot(epochs, values, marker="o", ms=3, lw=1, label=f"{t.number} ({reason})")
         if reason in styles:
             ax.plot(epochs[-1], values[-1], styles[reason], color=line.get_color(), ms=9)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(cfg.train.metric)
     ax.set_title("Learning curves (x: stopped by ASHA, square: early stopping)")

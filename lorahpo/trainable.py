@@ -200,6 +200,9 @@ def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -
     cfg = apply_overrides(base, params)
     quiet_logs()
     gpu = torch.cuda.is_available() and base.sweep.gpus_per_trial > 0
+    if gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        # the driver (e.g. a CPU head node) could not see this node's GPU; fail the trial with the same advice
+        raise UserError(f"model.dtype=bfloat16 but {torch.cuda.get_device_name()} has no bf16; set model.dtype=float16")
     report: ReportFn = lambda row, d: tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(d)))  # noqa: E731
     # Where each epoch ran: audit trail for retries and multi-node placement.
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}

@@ -291,3 +291,8 @@ def test_existing_sweep_refused_resume_config_checked_token_never_written(tmp_pa
     )
     assert sorted(str(p) for p in exp.rglob("*") if p.is_file()) == before  # nothing touched
     assert load_config(exp / "config.yaml").train.lr == 0.002
+
+    replaced = cli([*args, "--overwrite", "seed=3"])  # explicit: deleted, and said so
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert f"--overwrite: deleting the earlier experiment at {exp}" in replaced.stderr
+    assert load_config(exp / "config.yaml").seed == 3
