@@ -101,7 +101,8 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
         per_epoch = pd.read_csv(exp / "trials" / row["trial_id"] / "metrics.csv")
         assert per_epoch["epoch"].tolist() == list(range(1, int(row["epochs"]) + 1))
         assert per_epoch["val_fbeta"].tolist() == hist["val_fbeta"].tolist()
-        assert row["best_val_fbeta"] == pytest.approx(hist["val_fbeta"].max())
+        assert row["best_val_fbeta"] == pytest.approx(hist["val_fbeta"].max()) == row["best_epoch_val_fbeta"]
+        assert row["best_epoch_val_loss"] == hist["val_loss"].iloc[int(row["best_epoch"]) - 1]
         assert row["last_val_fbeta"] == pytest.approx(hist["val_fbeta"].iloc[-1])
         assert result.config == {k.removeprefix("param."): row[k] for k in df if k.startswith("param.")}
 
