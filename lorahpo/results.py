@@ -19,7 +19,7 @@ from ray.tune import ExperimentAnalysis, ResultGrid
 
 from lorahpo.config import ExperimentConfig, apply_overrides, config_from_yaml, tuning_metric
 from lorahpo.data import TaskData
-from lorahpo.search import distribution, experiment_dir
+from lorahpo.search import distribution, experiment_dir, filesystem
 
 log = logging.getLogger(__name__)
 EPOCH_COLUMNS = [
@@ -40,16 +40,9 @@ EPOCH_COLUMNS = [
 
 
 def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[str, pyarrow.fs.FileSystem]:
-    """(inner path, filesystem) for a local path or s3://bucket/prefix (optionally an S3-compatible endpoint)."""
-    if path.startswith("s3://") and s3_endpoint:
-        scheme, _, host = s3_endpoint.rpartition("://")
-        return path.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(
-            endpoint_override=host, scheme=scheme or "https"
-        )
-    if path.startswith("s3://"):
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        return inner.rstrip("/"), fs
-    return str(Path(path).expanduser().resolve()), pyarrow.fs.LocalFileSystem()
+    """(inner path, filesystem) for a local path or s3://bucket/prefix (optionally an S3-compatible endpoint), built
+    like the sweep's own (same timeouts and credential chain)."""
+    return filesystem(path, s3_endpoint)
 
 
 def load_experiment(path: str, s3_endpoint: str | None = None) -> tuple[ResultGrid, pd.DataFrame]:
@@ -86,26 +79,28 @@ def ordered(grid: ResultGrid) -> list[tune.Result]:
     return sorted((r for r in grid), key=lambda r: Path(r.path).name)
 
 
+VAL_METRICS = ("val_fbeta", "val_f1", "val_accuracy", "val_loss")
+
+
 def trials_frame(grid: ResultGrid, cfg: ExperimentConfig) -> pd.DataFrame:
-    """One row per trial: params, best and last val metrics, epochs, stop reason, wall time, checkpoint path."""
+    """One row per trial: params, the tuning metric, val metrics at the best and at the last epoch, epochs, stop
+    reason, wall time, best checkpoint path."""
     metric = tuning_metric(cfg)
     rows = []
     for r in ordered(grid):
         m = r.metrics or {}
+        hist = _history(r)
         epochs = int(m.get("epoch", 0))
+        at_best = hist[hist["epoch"] == m["best_epoch"]].iloc[-1].to_dict() if "best_epoch" in m else {}
         best = r.get_best_checkpoint(cfg.train.metric, cfg.train.mode) if r.best_checkpoints else None
-        best_epoch_metrics = next((mm for c, mm in r.best_checkpoints if best is not None and c.path == best.path), {})
-        row: dict[str, Any] = {"trial_id": Path(r.path).name}
-        row.update({f"param.{k}": v for k, v in r.config.items()})
-        row.update(
+        rows.append(
             {
+                "trial_id": Path(r.path).name,
+                **{f"param.{k}": v for k, v in r.config.items()},
                 metric: m.get(metric, math.nan),
                 "best_epoch": m.get("best_epoch"),
-                **{
-                    f"best_{k}": best_epoch_metrics.get(k, math.nan)
-                    for k in ("val_fbeta", "val_f1", "val_accuracy", "val_loss")
-                },
-                **{f"last_{k}": m.get(k, math.nan) for k in ("val_fbeta", "val_f1", "val_accuracy", "val_loss")},
+                **{f"best_epoch_{k}": at_best.get(k, math.nan) for k in VAL_METRICS},
+                **{f"last_{k}": m.get(k, math.nan) for k in VAL_METRICS},
                 "epochs": epochs,
                 "stop_reason": _stop_reason(cfg, r, epochs),
                 "wall_time_s": m.get("time_total_s", math.nan),
@@ -115,10 +110,7 @@ def trials_frame(grid: ResultGrid, cfg: ExperimentConfig) -> pd.DataFrame:
                 "error": str(r.error).splitlines()[0] if r.error is not None else None,
             }
         )
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    # best_val_fbeta of the best epoch equals the running best, but keep the column name of the tuning metric unique
-    return df.loc[:, ~df.columns.duplicated()]
+    return pd.DataFrame(rows)
 
 
 def best_row(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.Series:

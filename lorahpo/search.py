@@ -3,7 +3,9 @@ storage, and the Ray Tune Tuner (new or restored)."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +62,45 @@ def make_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
     return FIFOScheduler()
 
 
-def storage(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem]:
-    """(path inside the filesystem, filesystem) of `sweep.storage_path`; local paths made absolute (Tune changes
-    the working directory of trials)."""
-    path = cfg.sweep.storage_path
+# pyarrow's S3 defaults wait and retry an unreachable endpoint for minutes; these make a dead endpoint an error within
+# seconds. The timeouts travel with the filesystem to the trials (pickled); the retry strategy does not (pyarrow's
+# default there, 3 attempts).
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0  # per request (socket read): a 10 MB multipart chunk on a slow link still fits
+S3_MAX_ATTEMPTS = 3
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_region(bucket: str) -> str:
+    """AWS: the bucket's region (one request, remembered; storage paths are resolved many times per run)."""
+    return pyarrow.fs.resolve_s3_region(bucket)
+
+
+def filesystem(path: str, s3_endpoint: str | None = None) -> tuple[str, pyarrow.fs.FileSystem]:
+    """(path inside the filesystem, filesystem) for a local/NFS path or s3://bucket/prefix (optionally on an
+    S3-compatible endpoint such as http://127.0.0.1:9000). S3 credentials come from the standard AWS chain:
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the instance profile on EC2."""
     if path.startswith("s3://"):
-        if cfg.sweep.s3_endpoint:
-            scheme, _, host = cfg.sweep.s3_endpoint.rpartition("://")
-            fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https")
-            return path.removeprefix("s3://").rstrip("/"), fs
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        return inner.rstrip("/"), fs
+        options: dict[str, Any] = {
+            "connect_timeout": S3_CONNECT_TIMEOUT_S,
+            "request_timeout": S3_REQUEST_TIMEOUT_S,
+            "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        }
+        if s3_endpoint:
+            scheme, _, host = s3_endpoint.rpartition("://")
+            fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https", **options)
+            return path.removeprefix("s3://").split("?")[0].rstrip("/"), fs
+        inner = path.removeprefix("s3://").split("?")[0].rstrip("/")
+        return inner, pyarrow.fs.S3FileSystem(region=_bucket_region(inner.split("/")[0]), **options)
     if "://" in path:
         raise UserError(f"sweep.storage_path={path}: use a local/NFS path or s3://bucket/prefix")
     return str(Path(path).expanduser().resolve()), pyarrow.fs.LocalFileSystem()
+
+
+def storage(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem]:
+    """(path inside the filesystem, filesystem) of `sweep.storage_path`; local paths made absolute (Tune changes
+    the working directory of trials)."""
+    return filesystem(cfg.sweep.storage_path, cfg.sweep.s3_endpoint)
 
 
 def experiment_dir(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem]:
@@ -93,10 +120,44 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{index:03d}_{trial.trial_id}"
 
 
+# Secrets a trial needs and no node has: the driver forwards them from its own environment through Ray's object store
+# (a runtime_env would show them in the dashboard; nothing here is written to storage). On a cluster this is how trials
+# on every node reach gated weights with the HF_TOKEN handed to the driver at launch (see cluster.yaml).
+FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def trial_with_env(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
+    os.environ.update(env)  # before the trial loads a model
+    tune_trial(params, base, data)
+
+
 def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
     """The function trainable with the tokenized data put in the object store ONCE, and the trial's resources."""
-    fn = tune.with_parameters(tune_trial, base=cfg, data=data)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=env)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
+
+
+class StorageWatch(tune.Callback):
+    """When a trial fails, check storage from the driver; if storage is what failed, stop the sweep with one clear
+    line (see preflight.storage_failure) rather than let every running trial burn its retries, and every pending trial
+    an epoch, against it. Pickled into the experiment state, so a resumed sweep keeps watching."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    def _check(self) -> None:
+        from lorahpo.preflight import storage_failure
+
+        error = storage_failure(self.cfg)
+        if error is not None:
+            raise error
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check()
 
 
 def make_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
@@ -113,6 +174,7 @@ def make_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
             checkpoint_score_order=cfg.train.mode,
         ),
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+        callbacks=[StorageWatch(cfg)],
         verbose=1,
     )
     tune_config = tune.TuneConfig(
@@ -185,24 +247,34 @@ def run_sweep(
 
     meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
     exp, fs = experiment_dir(cfg)
-    if overwrite and fs.get_file_info(exp).type != pyarrow.fs.FileType.NotFound:
-        log.warning("--overwrite: deleting the earlier experiment at %s", display_path(cfg))
-        fs.delete_dir(exp)
-    if not resume:  # provenance before any training; the config is what --resume and load_experiment read back
-        fs.create_dir(exp)
-        with tempfile.TemporaryDirectory() as tmp:
-            dump_config(cfg, f"{tmp}/config.yaml")
-            Path(tmp, "manifest.json").write_text(json.dumps(meta, indent=2, default=str))
-            Path(tmp, "split.json").write_text(json.dumps(split_rows(data)))
-            pyarrow.fs.copy_files(tmp, exp, destination_filesystem=fs)
     # "local" starts a fresh local Ray even if a stale one from a killed run is still up (plain init would join it).
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
-        from lorahpo.preflight import check_resources, cluster_nodes
+        from lorahpo.preflight import check_resources, check_storage_shared, cluster_nodes
 
+        # Checks that need the cluster come before anything is written, so a failed check leaves no half-made sweep.
         check_resources(cfg, cluster_nodes())  # before any trial: Tune would queue an unplaceable trial forever
+        check_storage_shared(cfg)  # every node reads what the driver wrote (a head-local path fails here, not later)
+        if overwrite and fs.get_file_info(exp).type != pyarrow.fs.FileType.NotFound:
+            log.warning("--overwrite: deleting the earlier experiment at %s", display_path(cfg))
+            fs.delete_dir(exp)
+        if not resume:  # provenance before any training; the config is what --resume and load_experiment read back
+            fs.create_dir(exp)
+            with tempfile.TemporaryDirectory() as tmp:
+                dump_config(cfg, f"{tmp}/config.yaml")
+                Path(tmp, "manifest.json").write_text(json.dumps(meta, indent=2, default=str))
+                Path(tmp, "split.json").write_text(json.dumps(split_rows(data)))
+                pyarrow.fs.copy_files(tmp, exp, destination_filesystem=fs)
         tuner = restore_tuner(cfg, data) if resume else make_tuner(cfg, data)
-        grid = tuner.fit()
-        return write_results(cfg, grid, data, meta)
+        try:
+            grid = tuner.fit()
+            return write_results(cfg, grid, data, meta)
+        except Exception:  # StorageWatch's error (Tune wraps it), or storage gone while results are written
+            from lorahpo.preflight import storage_failure
+
+            error = storage_failure(cfg)
+            if error is None:
+                raise
+            raise error from None
     finally:
         ray.shutdown()
