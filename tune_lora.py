@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start locally)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=3e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may sit between KEY=VALUE overrides
 
 
 def main(argv: list[str] | None = None) -> int:
