@@ -1,0 +1,125 @@
+"""Shared helpers of the benchmark scripts: where results go, what machine they ran on, robust summaries of noisy
+timings, and small writers (JSON, markdown tables). Imported as `common` by the scripts next to it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DOCS_DIR = REPO_ROOT / "docs" / "benchmarks"  # tables, JSON and plots that docs/benchmarks.md shows
+WORK_DIR = BENCH_DIR / "out"  # raw Ray experiments and checkpoints (git-ignored)
+
+if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from anywhere imports the project from this checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_sha() -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout
+        return {"sha": sha.strip() or None, "dirty": bool(dirty.strip())}
+    except OSError:
+        return {"sha": None, "dirty": None}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (and how busy the machine was when the run started)."""
+    import torch
+
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git": git_sha(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median and spread of repeated measurements (CPU timings here are noisy: other jobs share the cores)."""
+    vals = sorted(float(v) for v in values)
+    out = {"median": statistics.median(vals), "min": vals[0], "max": vals[-1], "n": len(vals)}
+    if len(vals) > 1:
+        q = statistics.quantiles(vals, n=4, method="inclusive")
+        out["q1"], out["q3"] = q[0], q[2]
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def quiet() -> None:
+    """Keep library chatter (transformers load reports, Lightning tips, warnings) out of benchmark logs."""
+    import logging
+    import warnings
+
+    from lorahpo.trainable import quiet_logs
+
+    quiet_logs()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def matplotlib_pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,318 @@
+"""Orchestration overhead: what Ray Tune costs around the trials themselves.
+
+For sweeps of N very short trials (tiny random Llama, 1 epoch) run with the project's `make_tuner`:
+
+    overhead ratio = (sweep wall time x concurrent slots) / (sum of the trials' own time, Tune's `time_total_s`)
+
+plus Ray's start-up time (`ray.init` as `run_sweep` calls it), the per-trial start-up inside a trial (model build,
+data from the object store, loaders, Trainer), and the cold import of the trial's code in a fresh worker process.
+The `reuse_actors` variant is a bench-local experiment: the same tuner with `TuneConfig.reuse_actors=True`, so one
+worker process serves trial after trial (it checks that the trials' metrics stay identical).
+
+    python bench/overhead.py                         # the recorded run (N = 4, 16, 64; ~15 min on 2 cores)
+    python bench/overhead.py --smoke --out /tmp/o    # plumbing check (N = 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DOCS_DIR, REPO_ROOT, WORK_DIR, machine, matplotlib_pyplot, md_table, quiet, summary, write_json
+
+SHORT_TRIAL = {  # a very short trial: the tiny random Llama, 140 training examples, one epoch
+    "model.name": "tiny-random-llama",
+    "model.num_layers": 4,  # the default search space puts LoRA on up to 4 layers
+    "data.max_examples": 200,
+    "data.max_length": 32,
+    "train.max_epochs": 1,
+    "sweep.scheduler": "fifo",  # every trial runs its epoch: the denominator is the same work for every N
+}
+IMPORT_PROBE = (
+    "import time; t = time.perf_counter(); import lorahpo.trainable, lorahpo.search; print(time.perf_counter() - t)"
+)
+
+
+def ray_startup(repeats: int) -> dict[str, Any]:
+    """`ray.init` as `run_sweep` calls it (a fresh local Ray), and `ray.shutdown`."""
+    import ray
+
+    inits, downs = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ray.init(address="local", log_to_driver=True, configure_logging=False)
+        inits.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ray.shutdown()
+        downs.append(time.perf_counter() - t)
+    return {"init_s": summary(inits), "shutdown_s": summary(downs), "init_all_s": inits}
+
+
+def cold_import(repeats: int) -> dict[str, Any]:
+    """What a fresh trial worker pays before the trial function can run: importing torch, transformers, peft,
+    Lightning, torchmetrics, Ray Tune (through lorahpo.trainable / lorahpo.search)."""
+    times = []
+    for _ in range(repeats):
+        proc = subprocess.run(
+            [sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+        )
+        times.append(float(proc.stdout.strip().splitlines()[-1]))
+    return summary(times)
+
+
+def trial_startup(cfg: Any, data: Any, repeats: int) -> dict[str, Any]:
+    """The start of a trial, in-process and warm: data from the object store (a pickle round trip of TaskData),
+    seeding + model build + LoRA, loaders, the Lightning Trainer."""
+    from lorahpo.data import make_loader
+    from lorahpo.trainable import EpochReporter, _trainer, build_module
+
+    steps: dict[str, list[float]] = {"data_unpickle_s": [], "model_build_s": [], "loaders_s": [], "trainer_s": []}
+    blob = pickle.dumps(data)
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pickle.loads(blob)
+        steps["data_unpickle_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        build_module(cfg, data)
+        steps["model_build_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
+        make_loader(data.val, data.tokenizer, cfg.train.batch_size * 2, cfg.seed, shuffle=False)
+        steps["loaders_s"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _trainer(cfg, [EpochReporter(cfg, lambda r, d: None, {})], False)
+        steps["trainer_s"].append(time.perf_counter() - t)
+    return {"data_mb": len(blob) / 2**20, **{k: summary(v) for k, v in steps.items()}}
+
+
+def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag: str) -> dict[str, Any]:
+    """One sweep of n short trials on the already running Ray; wall time of `Tuner.fit` only."""
+    import shutil
+
+    from lorahpo.config import apply_overrides
+    from lorahpo.results import ordered
+    from lorahpo.search import make_tuner
+
+    name = f"{tag}-n{n}-slots{slots}" + ("-reuse" if reuse else "")
+    cfg = apply_overrides(
+        base,
+        {
+            "sweep.name": name,
+            "sweep.storage_path": str(work),
+            "sweep.num_samples": n,
+            "sweep.max_concurrent_trials": slots,
+            "sweep.cpus_per_trial": 2 / slots,
+        },
+    )
+    shutil.rmtree(work / name, ignore_errors=True)
+    tuner = make_tuner(cfg, data)
+    if reuse:  # the bench-local fix: one worker process per slot instead of one per trial
+        tuner._local_tuner._tune_config.reuse_actors = True
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - t
+    results = ordered(grid)
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{name}: {len(errors)} trials failed, first: {errors[0]}")
+    own = [float(r.metrics["time_total_s"]) for r in results]
+    epochs = [float(r.metrics_dataframe["epoch_time_s"].sum()) for r in results]
+    pids = {int(r.metrics["pid"]) for r in results}
+    return {
+        "name": name,
+        "n": n,
+        "slots": slots,
+        "reuse_actors": reuse,
+        "wall_s": wall,
+        "sum_trial_time_s": sum(own),
+        "ratio": wall * slots / sum(own),
+        "overhead_per_trial_s": (wall * slots - sum(own)) / n,
+        "trial_time_s": summary(own),
+        "trial_epoch_time_s": summary(epochs),  # the epochs inside a trial (train + val + checkpoint report)
+        "in_trial_startup_s": summary([a - b for a, b in zip(own, epochs)]),
+        "worker_processes": len(pids),
+        "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "val_fbeta": [round(float(r.metrics["val_fbeta"]), 6) for r in results],
+        "params": [r.config for r in results],
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = matplotlib_pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for reuse, style in ((False, "o-"), (True, "s--")):
+        pts = sorted((r["n"], r["ratio"], r["overhead_per_trial_s"]) for r in rows if r["reuse_actors"] == reuse)
+        if not pts:
+            continue
+        label = "reuse_actors=True (bench-local fix)" if reuse else "project as is (reuse_actors=False)"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        bx.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+    ax.set_xscale("log", base=2)
+    bx.set_xscale("log", base=2)
+    ax.set_xlabel("trials in the sweep (N)")
+    bx.set_xlabel("trials in the sweep (N)")
+    ax.set_ylabel("wall x slots / sum of trial time")
+    bx.set_ylabel("orchestration seconds per trial")
+    ax.set_title("overhead ratio, very short trials (1 slot)")
+    bx.set_title("per-trial overhead")
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    rows = [
+        [
+            r["n"],
+            r["slots"],
+            "yes" if r["reuse_actors"] else "no",
+            r["wall_s"],
+            r["sum_trial_time_s"],
+            r["trial_time_s"]["median"],
+            r["ratio"],
+            r["overhead_per_trial_s"],
+            r["worker_processes"],
+            f"{r['loadavg_1min'][0]} / {r['loadavg_1min'][1]}",
+        ]
+        for r in res["sweeps"]
+    ]
+    head = [
+        "N",
+        "slots",
+        "reuse_actors",
+        "wall s",
+        "sum of trial time s",
+        "trial time s (median)",
+        "overhead ratio",
+        "overhead s per trial",
+        "worker processes",
+        "load avg (start / end)",
+    ]
+    start = res["trial_startup"]
+    parts = [
+        md_table(head, rows),
+        "\nStart-up costs (median of repeats):\n\n",
+        md_table(
+            ["what", "seconds"],
+            [
+                ["ray.init (fresh local Ray, as run_sweep)", res["ray_startup"]["init_s"]["median"]],
+                ["ray.shutdown", res["ray_startup"]["shutdown_s"]["median"]],
+                ["cold import of lorahpo.trainable + search in a fresh process", res["cold_import_s"]["median"]],
+                ["tiny model: data unpickle (object store copy)", start["tiny"]["data_unpickle_s"]["median"]],
+                ["tiny model: seed + model build + LoRA", start["tiny"]["model_build_s"]["median"]],
+                ["tiny model: loaders", start["tiny"]["loaders_s"]["median"]],
+                ["tiny model: Lightning Trainer", start["tiny"]["trainer_s"]["median"]],
+            ]
+            + (
+                [
+                    [
+                        f"default model ({res['default_model']}): data unpickle",
+                        start["default"]["data_unpickle_s"]["median"],
+                    ],
+                    [
+                        f"default model ({res['default_model']}): seed + model build + LoRA",
+                        start["default"]["model_build_s"]["median"],
+                    ],
+                ]
+                if "default" in start
+                else []
+            ),
+        ),
+    ]
+    return "".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="N=2, one repeat, no default-model start-up: plumbing check")
+    p.add_argument("--ns", type=int, nargs="+", default=None, help="sweep sizes (default 4 16 64; smoke: 2)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of the smallest N and of the start-up timings")
+    p.add_argument("--no-reuse", action="store_true", help="skip the reuse_actors=True experiment")
+    p.add_argument("--two-slots", type=int, nargs="*", default=None, help="N for an extra 2-slot run (default 16)")
+    p.add_argument("--out", type=Path, default=None, help="results dir (default docs/benchmarks/overhead)")
+    p.add_argument("--work", type=Path, default=None, help="Ray experiments (default bench/out/overhead)")
+    args = p.parse_args(argv)
+    ns = args.ns or ([2] if args.smoke else [4, 16, 64])
+    repeats = 1 if args.smoke else args.repeats
+    two_slots = args.two_slots if args.two_slots is not None else ([] if args.smoke else [16])
+    out = (args.out or DOCS_DIR / "overhead").resolve()
+    work = (args.work or (out / "work" if args.smoke else WORK_DIR / "overhead")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    from lorahpo.config import apply_overrides, load_config
+    from lorahpo.data import load_task
+    from lorahpo.model import load_tokenizer
+
+    quiet()
+    res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "short_trial": SHORT_TRIAL}
+    t_all = time.perf_counter()
+    base = apply_overrides(load_config(), SHORT_TRIAL)
+    data = load_task(base.data, load_tokenizer(base.model), base.seed)
+    res["cold_import_s"] = cold_import(repeats)
+    print(f"[overhead] cold import {res['cold_import_s']['median']:.2f} s", flush=True)
+    res["trial_startup"] = {"tiny": trial_startup(base, data, repeats)}
+    if not args.smoke:
+        default = load_config()
+        res["default_model"] = f"{default.model.name}, {default.model.num_layers} layers"
+        ddata = load_task(default.data, load_tokenizer(default.model), default.seed)
+        res["trial_startup"]["default"] = trial_startup(default, ddata, repeats)
+    res["ray_startup"] = ray_startup(repeats)
+    print(f"[overhead] ray.init {res['ray_startup']['init_s']['median']:.2f} s", flush=True)
+
+    ray.init(address="local", log_to_driver=False, configure_logging=False)
+    res["sweeps"] = []
+    try:
+        plan = [(n, 1, False) for n in ns] + [(n, 2, False) for n in two_slots]
+        if not args.no_reuse:
+            plan += [(n, 1, True) for n in ns]
+        for n, slots, reuse in plan:
+            for rep in range(repeats if n == min(ns) else 1):
+                row = sweep(base, data, n, slots, reuse, work, f"rep{rep}")
+                row["repeat"] = rep
+                res["sweeps"].append(row)
+                print(
+                    f"[overhead] N={n} slots={slots} reuse={reuse} rep={rep}: wall {row['wall_s']:.1f} s, "
+                    f"trials {row['sum_trial_time_s']:.1f} s, ratio {row['ratio']:.2f}, "
+                    f"{row['overhead_per_trial_s']:.2f} s/trial",
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+    # The fix must not change results: the same seeded, sequential sweep gives the same configs and metrics.
+    checks = []
+    for n in ns:
+        a = next((r for r in res["sweeps"] if r["n"] == n and r["slots"] == 1 and not r["reuse_actors"]), None)
+        b = next((r for r in res["sweeps"] if r["n"] == n and r["slots"] == 1 and r["reuse_actors"]), None)
+        if a and b:
+            checks.append({"n": n, "identical": a["val_fbeta"] == b["val_fbeta"] and a["params"] == b["params"]})
+    res["reuse_actors_results_identical"] = checks
+    by_n: dict[tuple[int, int, bool], list[float]] = {}
+    for r in res["sweeps"]:
+        by_n.setdefault((r["n"], r["slots"], r["reuse_actors"]), []).append(r["ratio"])
+    res["ratio_median"] = {
+        f"n{n}-slots{s}" + ("-reuse" if u else ""): statistics.median(v) for (n, s, u), v in by_n.items()
+    }
+    res["total_wall_s"] = time.perf_counter() - t_all
+    write_json(out / "results.json", res)
+    (out / "table.md").write_text(markdown(res))
+    plot([r for r in res["sweeps"] if r["slots"] == 1], out / "overhead.png")
+    print((out / "table.md").read_text())
+    print(f"[overhead] wrote {out} in {res['total_wall_s']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
