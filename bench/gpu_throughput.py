@@ -140,6 +140,7 @@ def worker(spec: dict[str, Any], barrier: Path, out: Path, threads: int) -> None
             p.data = p.data.float()
     weights = torch.tensor([1.0, cfg.train.class_weight])
     module = LoraClassifier(model, cfg.train, 2, weights, cfg.seed)
+    module.train()  # as fit() does: dropout on
     build_s = time.perf_counter() - t_build
 
     n_batches = spec["warmup"] + spec["steps"]
