@@ -39,16 +39,10 @@ EPOCH_COLUMNS = [
 # Reading
 
 
-def filesystem_for(path: str, s3_endpoint: str | None = None) -> tuple[str, pyarrow.fs.FileSystem]:
-    """(inner path, filesystem) for a local path or s3://bucket/prefix (optionally an S3-compatible endpoint), built
-    like the sweep's own (same timeouts and credential chain)."""
-    return filesystem(path, s3_endpoint)
-
-
 def load_experiment(path: str, s3_endpoint: str | None = None) -> tuple[ResultGrid, pd.DataFrame]:
     """A finished or interrupted sweep, from its experiment directory alone, as a ResultGrid and a DataFrame
     (one row per trial; `results.parquet` when the sweep finished, else rebuilt from the trials' logs)."""
-    inner, fs = filesystem_for(path, s3_endpoint)
+    inner, fs = filesystem(path, s3_endpoint)  # built like the sweep's own (timeouts, credential chain)
     grid = ResultGrid(ExperimentAnalysis(inner, storage_filesystem=fs))
     parquet = f"{inner}/results.parquet"
     if fs.get_file_info(parquet).type == pyarrow.fs.FileType.File:
