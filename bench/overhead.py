@@ -155,14 +155,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         label = "reuse_actors=True (bench-local fix)" if reuse else "project as is (reuse_actors=False)"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         bx.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
-    ax.set_xscale("log", base=2)
-    bx.set_xscale("log", base=2)
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.set_xticks(sorted({r["n"] for r in rows}), [str(n) for n in sorted({r["n"] for r in rows})])
+    ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks([1, 2, 4, 8, 16, 32])
     ax.set_xlabel("trials in the sweep (N)")
     bx.set_xlabel("trials in the sweep (N)")
     ax.set_ylabel("wall x slots / sum of trial time")
     bx.set_ylabel("orchestration seconds per trial")
-    ax.set_title("overhead ratio, very short trials (1 slot)")
-    bx.set_title("per-trial overhead")
+    ax.set_title("overhead ratio, very short trials (1 slot)\n(denominator: noisy sub-second trials)", fontsize=10)
+    bx.set_title("orchestration seconds per trial\n(wall - sum of trial time) / N", fontsize=10)
     for a in (ax, bx):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
