@@ -432,8 +432,10 @@ def test_sweep_on_two_nodes_into_s3(s3: S3Server, cluster: Cluster, tmp_path: Pa
     )
     try:
         start = time.monotonic()
-        # Two trials at once on two one-CPU nodes: one per node.
-        run = cli(["--address", cluster.address, *sweep_args(s3, name, **{"sweep.num_samples": 2})], env=cluster.env)
+        # Two trials at once on two one-CPU nodes: one per node. A fresh worker per trial: with reused workers, a tiny
+        # trial can finish on one node before the other node's worker has started, and the second trial reuses it.
+        overrides = {"sweep.num_samples": 2, "sweep.reuse_actors": False}
+        run = cli(["--address", cluster.address, *sweep_args(s3, name, **overrides)], env=cluster.env)
         assert run.returncode == 0, run.stderr[-3000:]
         elapsed = time.monotonic() - start
         out, err = intruder.communicate(timeout=120)

@@ -105,6 +105,8 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
         assert row["best_epoch_val_loss"] == hist["val_loss"].iloc[int(row["best_epoch"]) - 1]
         assert row["last_val_fbeta"] == pytest.approx(hist["val_fbeta"].iloc[-1])
         assert result.config == {k.removeprefix("param."): row[k] for k in df if k.startswith("param.")}
+    # reuse_actors: one worker process ran every trial of this sequential sweep, the ASHA-stopped one included
+    assert len({int(pid) for result in grid for pid in result.metrics_dataframe["pid"]}) == 1
 
     # the predecessor's snippet, unchanged
     study = pickle.load(open(exp / "optuna_res.pkl", "rb"))  # noqa: SIM115
