@@ -6,10 +6,12 @@ For sweeps of N very short trials (tiny random Llama, 1 epoch) run with the proj
 
 plus Ray's start-up time (`ray.init` as `run_sweep` calls it), the per-trial start-up inside a trial (model build,
 data from the object store, loaders, Trainer), and the cold import of the trial's code in a fresh worker process.
-The `reuse_actors` variant is a bench-local experiment: the same tuner with `TuneConfig.reuse_actors=True`, so one
-worker process serves trial after trial (it checks that the trials' metrics stay identical).
+Every sweep runs twice: with `sweep.reuse_actors=false` (a fresh worker process per trial: the project before the
+fix) and with `sweep.reuse_actors=true` (one worker process serves trial after trial: the project default). The two
+must give identical configs and metrics. A sweep of real trials (the default model and data, one epoch each) shows what
+the overhead is for the trials the project actually runs.
 
-    python bench/overhead.py                         # the recorded run (N = 4, 16, 64; ~15 min on 2 cores)
+    python bench/overhead.py                         # the recorded run (N = 4, 16, 64 + 4 default trials; ~20 min)
     python bench/overhead.py --smoke --out /tmp/o    # plumbing check (N = 2)
 """
 
@@ -34,6 +36,10 @@ SHORT_TRIAL = {  # a very short trial: the tiny random Llama, 140 training examp
     "data.max_length": 32,
     "train.max_epochs": 1,
     "sweep.scheduler": "fifo",  # every trial runs its epoch: the denominator is the same work for every N
+}
+DEFAULT_TRIAL = {  # a real trial: configs/default.yaml (SmolLM2, 3,000 SMS), one epoch, FIFO
+    "train.max_epochs": 1,
+    "sweep.scheduler": "fifo",
 }
 IMPORT_PROBE = (
     "import time; t = time.perf_counter(); import lorahpo.trainable, lorahpo.search; print(time.perf_counter() - t)"
@@ -92,7 +98,7 @@ def trial_startup(cfg: Any, data: Any, repeats: int) -> dict[str, Any]:
     return {"data_mb": len(blob) / 2**20, **{k: summary(v) for k, v in steps.items()}}
 
 
-def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag: str) -> dict[str, Any]:
+def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag: str, trial: str) -> dict[str, Any]:
     """One sweep of n short trials on the already running Ray; wall time of `Tuner.fit` only."""
     import shutil
 
@@ -100,7 +106,7 @@ def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag
     from lorahpo.results import ordered
     from lorahpo.search import make_tuner
 
-    name = f"{tag}-n{n}-slots{slots}" + ("-reuse" if reuse else "")
+    name = f"{tag}-{trial}-n{n}-slots{slots}" + ("-reuse" if reuse else "")
     cfg = apply_overrides(
         base,
         {
@@ -109,12 +115,11 @@ def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag
             "sweep.num_samples": n,
             "sweep.max_concurrent_trials": slots,
             "sweep.cpus_per_trial": 2 / slots,
+            "sweep.reuse_actors": reuse,
         },
     )
     shutil.rmtree(work / name, ignore_errors=True)
     tuner = make_tuner(cfg, data)
-    if reuse:  # the bench-local fix: one worker process per slot instead of one per trial
-        tuner._local_tuner._tune_config.reuse_actors = True
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
     grid = tuner.fit()
@@ -128,6 +133,7 @@ def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag
     pids = {int(r.metrics["pid"]) for r in results}
     return {
         "name": name,
+        "trial": trial,
         "n": n,
         "slots": slots,
         "reuse_actors": reuse,
@@ -152,7 +158,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         pts = sorted((r["n"], r["ratio"], r["overhead_per_trial_s"]) for r in rows if r["reuse_actors"] == reuse)
         if not pts:
             continue
-        label = "reuse_actors=True (bench-local fix)" if reuse else "project as is (reuse_actors=False)"
+        label = "reused workers (reuse_actors=true, default)" if reuse else "fresh worker per trial (before)"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         bx.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
     for a in (ax, bx):
@@ -181,6 +187,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def markdown(res: dict[str, Any]) -> str:
     rows = [
         [
+            r["trial"],
             r["n"],
             r["slots"],
             "yes" if r["reuse_actors"] else "no",
@@ -195,6 +202,7 @@ def markdown(res: dict[str, Any]) -> str:
         for r in res["sweeps"]
     ]
     head = [
+        "trial",
         "N",
         "slots",
         "reuse_actors",
@@ -242,17 +250,18 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="N=2, one repeat, no default-model start-up: plumbing check")
+    p.add_argument("--smoke", action="store_true", help="N=2, one repeat, no default-model runs: plumbing check")
     p.add_argument("--ns", type=int, nargs="+", default=None, help="sweep sizes (default 4 16 64; smoke: 2)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the smallest N and of the start-up timings")
-    p.add_argument("--no-reuse", action="store_true", help="skip the reuse_actors=True experiment")
     p.add_argument("--two-slots", type=int, nargs="*", default=None, help="N for an extra 2-slot run (default 16)")
+    p.add_argument("--default-n", type=int, default=None, help="trials of the default-model sweep (default 4; 0: none)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default docs/benchmarks/overhead)")
     p.add_argument("--work", type=Path, default=None, help="Ray experiments (default bench/out/overhead)")
     args = p.parse_args(argv)
     ns = args.ns or ([2] if args.smoke else [4, 16, 64])
     repeats = 1 if args.smoke else args.repeats
     two_slots = args.two_slots if args.two_slots is not None else ([] if args.smoke else [16])
+    default_n = args.default_n if args.default_n is not None else (0 if args.smoke else 4)
     out = (args.out or DOCS_DIR / "overhead").resolve()
     work = (args.work or (out / "work" if args.smoke else WORK_DIR / "overhead")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -271,27 +280,32 @@ def main(argv: list[str] | None = None) -> int:
     res["cold_import_s"] = cold_import(repeats)
     print(f"[overhead] cold import {res['cold_import_s']['median']:.2f} s", flush=True)
     res["trial_startup"] = {"tiny": trial_startup(base, data, repeats)}
+    inputs = {"short": (base, data)}
     if not args.smoke:
         default = load_config()
         res["default_model"] = f"{default.model.name}, {default.model.num_layers} layers"
         ddata = load_task(default.data, load_tokenizer(default.model), default.seed)
         res["trial_startup"]["default"] = trial_startup(default, ddata, repeats)
+        # real trials: the default model and data, one epoch each, every trial runs it (FIFO)
+        res["default_trial"] = DEFAULT_TRIAL
+        inputs["default"] = (apply_overrides(default, DEFAULT_TRIAL), ddata)
     res["ray_startup"] = ray_startup(repeats)
     print(f"[overhead] ray.init {res['ray_startup']['init_s']['median']:.2f} s", flush=True)
 
     ray.init(address="local", log_to_driver=False, configure_logging=False)
     res["sweeps"] = []
     try:
-        plan = [(n, 1, False) for n in ns] + [(n, 2, False) for n in two_slots]
-        if not args.no_reuse:
-            plan += [(n, 1, True) for n in ns]
-        for n, slots, reuse in plan:
-            for rep in range(repeats if n == min(ns) else 1):
-                row = sweep(base, data, n, slots, reuse, work, f"rep{rep}")
+        plan = []
+        for reuse in (False, True):  # before the fix, then the project default
+            plan += [("short", n, 1, reuse) for n in ns] + [("short", n, 2, reuse) for n in two_slots]
+            plan += [("default", default_n, 1, reuse)] if default_n else []
+        for trial, n, slots, reuse in plan:
+            for rep in range(repeats if trial == "short" and n == min(ns) else 1):
+                row = sweep(*inputs[trial], n, slots, reuse, work, f"rep{rep}", trial)
                 row["repeat"] = rep
                 res["sweeps"].append(row)
                 print(
-                    f"[overhead] N={n} slots={slots} reuse={reuse} rep={rep}: wall {row['wall_s']:.1f} s, "
+                    f"[overhead] {trial} N={n} slots={slots} reuse={reuse} rep={rep}: wall {row['wall_s']:.1f} s, "
                     f"trials {row['sum_trial_time_s']:.1f} s, ratio {row['ratio']:.2f}, "
                     f"{row['overhead_per_trial_s']:.2f} s/trial",
                     flush=True,
@@ -300,22 +314,24 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     # The fix must not change results: the same seeded, sequential sweep gives the same configs and metrics.
     checks = []
-    for n in ns:
-        a = next((r for r in res["sweeps"] if r["n"] == n and r["slots"] == 1 and not r["reuse_actors"]), None)
-        b = next((r for r in res["sweeps"] if r["n"] == n and r["slots"] == 1 and r["reuse_actors"]), None)
-        if a and b:
-            checks.append({"n": n, "identical": a["val_fbeta"] == b["val_fbeta"] and a["params"] == b["params"]})
+    for trial, n, slots in sorted({(r["trial"], r["n"], r["slots"]) for r in res["sweeps"]}):
+        same = [r for r in res["sweeps"] if (r["trial"], r["n"], r["slots"]) == (trial, n, slots)]
+        a = next((r for r in same if not r["reuse_actors"]), None)
+        b = next((r for r in same if r["reuse_actors"]), None)
+        if a and b and slots == 1:  # 2 slots: completion order, hence TPE's history, may differ
+            identical = a["val_fbeta"] == b["val_fbeta"] and a["params"] == b["params"]
+            checks.append({"trial": trial, "n": n, "identical": identical})
     res["reuse_actors_results_identical"] = checks
-    by_n: dict[tuple[int, int, bool], list[float]] = {}
+    by_n: dict[tuple[str, int, int, bool], list[float]] = {}
     for r in res["sweeps"]:
-        by_n.setdefault((r["n"], r["slots"], r["reuse_actors"]), []).append(r["ratio"])
+        by_n.setdefault((r["trial"], r["n"], r["slots"], r["reuse_actors"]), []).append(r["ratio"])
     res["ratio_median"] = {
-        f"n{n}-slots{s}" + ("-reuse" if u else ""): statistics.median(v) for (n, s, u), v in by_n.items()
+        f"{t}-n{n}-slots{s}" + ("-reuse" if u else ""): statistics.median(v) for (t, n, s, u), v in by_n.items()
     }
     res["total_wall_s"] = time.perf_counter() - t_all
     write_json(out / "results.json", res)
     (out / "table.md").write_text(markdown(res))
-    plot([r for r in res["sweeps"] if r["slots"] == 1], out / "overhead.png")
+    plot([r for r in res["sweeps"] if r["slots"] == 1 and r["trial"] == "short"], out / "overhead.png")
     print((out / "table.md").read_text())
     print(f"[overhead] wrote {out} in {res['total_wall_s']:.0f} s", flush=True)
     return 0

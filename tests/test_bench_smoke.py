@@ -67,7 +67,7 @@ def test_overhead_smoke(tmp_path: Path) -> None:
         assert r["ratio"] >= 1 and positive(r["sum_trial_time_s"]) and r["wall_s"] > r["sum_trial_time_s"]
         assert len(r["val_fbeta"]) == r["n"]
     assert [r["worker_processes"] for r in res["sweeps"]] == [2, 1]  # reuse_actors: one process serves both
-    assert res["reuse_actors_results_identical"] == [{"n": 2, "identical": True}]
+    assert res["reuse_actors_results_identical"] == [{"trial": "short", "n": 2, "identical": True}]
 
 
 def test_throughput_smoke(tmp_path: Path) -> None:
