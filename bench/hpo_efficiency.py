@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_wall_s": time.perf_counter() - t_all,  # this invocation (runs reused from --work cost nothing here)
         "sum_of_run_wall_s": sum(r["wall_s"] for r in records),  # the sweeps themselves, whenever they ran
         "reused_runs": reused,
+        # every trial of every run (params, per-epoch val F-beta, stop reason): the evidence behind the tables
+        "runs": [{k: r[k] for k in ("method", "seed", "wall_s", "trials")} for r in records],
     }
     write_json(out / "results.json", result)
     (out / "table.md").write_text(markdown(analysis, budget))
