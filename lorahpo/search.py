@@ -86,11 +86,10 @@ def filesystem(path: str, s3_endpoint: str | None = None) -> tuple[str, pyarrow.
             "request_timeout": S3_REQUEST_TIMEOUT_S,
             "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         }
+        inner = path.removeprefix("s3://").split("?")[0].rstrip("/")
         if s3_endpoint:
             scheme, _, host = s3_endpoint.rpartition("://")
-            fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https", **options)
-            return path.removeprefix("s3://").split("?")[0].rstrip("/"), fs
-        inner = path.removeprefix("s3://").split("?")[0].rstrip("/")
+            return inner, pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https", **options)
         return inner, pyarrow.fs.S3FileSystem(region=_bucket_region(inner.split("/")[0]), **options)
     if "://" in path:
         raise UserError(f"sweep.storage_path={path}: use a local/NFS path or s3://bucket/prefix")
