@@ -3,6 +3,7 @@ with a timeout and always stop what they start, by process id."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,13 @@ def tiny_cfg() -> ExperimentConfig:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_cfg: ExperimentConfig) -> TaskData:
     return load_task(tiny_cfg.data, load_tokenizer(tiny_cfg.model), tiny_cfg.seed)
+
+
+def snapshot_trials(experiment_state: bytes | str) -> set[str]:
+    """Trial directories in a Tune experiment-state snapshot (experiment_state-*.json): what --resume restores. Ray Tune
+    writes one about every 10 s, so a trial started since the last one is not in it (--resume runs it again)."""
+    state = json.loads(experiment_state)
+    return {json.loads(trial)["relative_logdir"] for trial, _ in state["trial_data"]}
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:

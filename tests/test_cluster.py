@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .conftest import ROOT, cli, cli_background, kill_group, tiny_args, wait_for
+from .conftest import ROOT, cli, cli_background, kill_group, snapshot_trials, tiny_args, wait_for
 from .test_sweep import OUTPUTS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -289,6 +289,13 @@ def checkpointed_trials(s3: S3Server, name: str) -> set[str]:
     return {k.split("/")[2] for k in s3.keys(f"{PREFIX}/{name}/trial_") if "/checkpoint_" in k}
 
 
+def recorded_trials(s3: S3Server, name: str) -> set[str]:
+    """Trials in the newest experiment-state snapshot in the bucket: the driver's persisted view, what --resume
+    restores. A trial started after that snapshot can already have a checkpoint there (workers upload their own)."""
+    states = sorted(s3.keys(f"{PREFIX}/{name}/experiment_state-"))
+    return snapshot_trials(s3.read(states[-1])) if states else set()
+
+
 def history(s3: S3Server, name: str, trial_id: str) -> pd.DataFrame:
     return s3.csv(f"{PREFIX}/{name}/{trial_id}/progress.csv")
 
@@ -489,10 +496,15 @@ def test_driver_killed_then_resume_from_bucket(s3: S3Server, cluster: Cluster, t
     args = ["--address", cluster.address, *sweep_args(s3, name, **overrides)]
     proc = cli_background(args, tmp_path / "driver.log", env=cluster.env)
     procs.append(proc)
-    wait_for(lambda: len(checkpointed_trials(s3, name)) >= 2, 300, "two trials with a checkpoint in the bucket")
+    wait_for(
+        lambda: len(recorded_trials(s3, name) & checkpointed_trials(s3, name)) >= 2,
+        300,
+        "two trials recorded in the bucket's experiment state, each with a checkpoint there",
+    )
     os.killpg(proc.pid, signal.SIGKILL)  # the driver only: the cluster (and its trials' checkpoints) stay
     proc.wait(timeout=30)
-    before = checkpointed_trials(s3, name)
+    before = recorded_trials(s3, name)
+    unrecorded = checkpointed_trials(s3, name) - before  # started after the last snapshot: rerun from scratch
     assert f"{PREFIX}/{name}/results.parquet" not in s3.keys(f"{PREFIX}/{name}/")
 
     start = time.monotonic()
@@ -507,8 +519,8 @@ def test_driver_killed_then_resume_from_bucket(s3: S3Server, cluster: Cluster, t
     assert all(set(h["epoch"]) == {1, 2} for h in rows.values())
     rerun = sum(len(h) - h["epoch"].nunique() for h in rows.values())
     print(
-        f"\n[driver killed] {len(before)} trials had checkpoints; --resume finished in {resume_s:.0f} s; "
-        f"{rerun} epochs ran twice"
+        f"\n[driver killed] {len(before)} trials recorded, {len(unrecorded)} checkpointed after the last snapshot; "
+        f"--resume finished in {resume_s:.0f} s; {rerun} epochs ran twice"
     )
 
 

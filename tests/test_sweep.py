@@ -19,7 +19,7 @@ from lorahpo.model import build_base, load_tokenizer
 from lorahpo.results import load_experiment, load_journal
 from lorahpo.trainable import fit
 
-from .conftest import cli, cli_background, tiny_args, tiny_config, wait_for
+from .conftest import cli, cli_background, snapshot_trials, tiny_args, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
 VAL = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_fbeta"]
@@ -175,22 +175,30 @@ def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None
     proc = cli_background(args, tmp_path / "driver.log")
     procs.append(proc)
     exp = tmp_path / "kill"
-    # kill once the second trial has reported (so one trial is done and one is mid-flight)
+
+    def snapshot() -> set[str]:  # the trials Tune's persisted state knows (--resume restores exactly these)
+        states = sorted(exp.glob("experiment_state-*.json"))
+        return snapshot_trials(states[-1].read_text()) if states else set()
+
+    # kill once the second trial has reported and is in the persisted state (one trial done, one mid-flight)
     wait_for(
-        lambda: sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2,
+        lambda: (
+            len(snapshot()) >= 2
+            and sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2
+        ),
         timeout=300,
-        what="two trials reporting",
+        what="two trials reporting, both in the experiment state",
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    before = {p.parent.name for p in exp.glob("*/params.json")}
+    before = snapshot()
     assert not (exp / "results.parquet").exists()
 
     run = cli(["--resume", *args])
     assert run.returncode == 0, run.stderr[-3000:]
     df = pd.read_parquet(exp / "results.parquet")
     assert len(df) == 4 and df["trial_id"].is_unique
-    assert before <= set(df["trial_id"])  # the trials started before the kill were kept, not rerun under new ids
+    assert before <= set(df["trial_id"])  # the trials Tune had recorded were kept, not rerun under new ids
     params = [c for c in df if c.startswith("param.")]
     assert not df[params].duplicated().any()
     assert (df["epochs"] == 2).all() and (df["stop_reason"] == "max_epochs").all()
