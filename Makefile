@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13" || echo "torch==2.13.0")
 ARGS  ?=
 
-.PHONY: install sweep test test-fast lint format bench clean
+.PHONY: install sweep test test-fast lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

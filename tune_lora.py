@@ -1,8 +1,9 @@
 """Tune LoRA adapters of a Llama-family sequence classifier: seeded TPE (Optuna) + ASHA on Ray Tune.
 
-    python tune_lora.py [--config PATH] [--resume] [--dry-run] [--address ADDR] [KEY=VALUE ...]
+    python tune_lora.py [--config PATH] [--resume | --overwrite] [--dry-run] [--address ADDR] [KEY=VALUE ...]
 
-parse -> validate -> run_sweep -> write_results. Exit 0 on success, 2 (one line on stderr) on a user error.
+parse -> load_config -> sweep.prepare -> [--dry-run: print the plan] -> sweep.run -> print the summary.
+Exit 0 on success, 2 (one line on stderr) on a user error.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import os
 import sys
 
 import yaml
+
+from lorahpo import sweep
+from lorahpo.config import load_config
+from lorahpo.errors import UserError
+from lorahpo.results import print_summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,28 +35,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from lorahpo.config import UserError, load_config
-
     try:
         cfg = load_config(args.config, args.overrides)
-        from lorahpo.preflight import check_cluster, prepare
-        from lorahpo.search import run_sweep
-
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         address = args.address or os.environ.get("RAY_ADDRESS")
-        data, plan = prepare(cfg, resume=args.resume, overwrite=args.overwrite, local=address is None)
+        data, plan = sweep.prepare(cfg, args.resume, args.overwrite, address, dry_run=args.dry_run)
         if args.dry_run:
-            if address is not None:  # a cluster's resources can only be checked by asking it
-                check_cluster(cfg, address)
             print(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=120))
             return 0
-        summary = run_sweep(cfg, data, plan, address=address, resume=args.resume, overwrite=args.overwrite)
+        summary = sweep.run(cfg, data, plan, address, args.resume, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from lorahpo.results import print_summary
-
     print_summary(summary)
     return 0
 

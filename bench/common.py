@@ -6,10 +6,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,44 +21,19 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from anywhere imports 
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_sha() -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
-        ).stdout
-        return {"sha": sha.strip() or None, "dirty": bool(dirty.strip())}
-    except OSError:
-        return {"sha": None, "dirty": None}
-
-
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on (and how busy the machine was when the run started)."""
-    import torch
+    """What the numbers were measured on (lorahpo.repro's provenance: hardware, versions, git SHA + dirty flag), how
+    busy the machine was when the run started, and the command."""
+    from lorahpo.repro import git_state, hardware, versions
 
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        **hardware(),
         "memory_gb": round(mem_gb, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "versions": versions(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "git": git_sha(),
+        "git": git_state(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 

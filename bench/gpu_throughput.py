@@ -5,7 +5,7 @@ them).
 
 Each trial process builds the model the way a trial does (`lorahpo.model.add_lora` with configs/llama32_3b.yaml's
 LoRA settings, trainable tensors in fp32, `LoraClassifier`, the trial's Lightning Trainer from
-`lorahpo.trainable._trainer` with bf16-mixed precision), trains on synthetic full-length batches (random token ids:
+`lorahpo.module.make_trainer` with bf16-mixed precision), trains on synthetic full-length batches (random token ids:
 no padding, every token real), runs `--warmup` steps, waits at a barrier until every process is warm, then times
 `--steps` steps (CUDA-synchronised). Aggregate tokens/s = all tokens of all processes / (last end - first start).
 
@@ -110,10 +110,10 @@ def worker(spec: dict[str, Any], barrier: Path, out: Path, threads: int) -> None
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from lorahpo.config import apply_overrides, load_config
-    from lorahpo.model import DTYPES, add_lora, trainable_parameters
-    from lorahpo.module import LoraClassifier
+    from lorahpo.model import add_lora, trainable_parameters
+    from lorahpo.module import LoraClassifier, make_trainer
     from lorahpo.repro import seed_everything_everywhere
-    from lorahpo.trainable import _trainer
+    from lorahpo.sources import DTYPES
 
     quiet()
     gpu = torch.cuda.is_available()
@@ -185,7 +185,7 @@ def worker(spec: dict[str, Any], barrier: Path, out: Path, threads: int) -> None
     clock = Clock()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    trainer = _trainer(cfg, [clock], gpu)
+    trainer = make_trainer(cfg, [clock], gpu)
     trainer.fit(module, loader)
     res: dict[str, Any] = {
         "rank": spec["rank"],

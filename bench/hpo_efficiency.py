@@ -1,6 +1,6 @@
 """HPO efficiency: TPE + ASHA vs TPE + FIFO vs random + FIFO vs random + ASHA at the same budget of trial-epochs.
 
-Every method runs through the project's own machinery (`lorahpo.search.make_tuner`, i.e. `make_searcher` and
+Every method runs through the project's own machinery (`lorahpo.tuner.make_tuner`, i.e. `make_searcher` and
 `make_scheduler` driven by `sweep.searcher`, `sweep.scheduler` and `seed`), sequentially (`max_concurrent_trials=1`,
 so each run is deterministic), and is ended by a Ray Tune stopper once the trials together have trained `--budget`
 epochs. Trial 0 of every run is the config's `points_to_evaluate` (the untuned default). Per method and seed it
@@ -80,7 +80,7 @@ class EpochBudget(Stopper):
 def base_config(config: str | None, overrides: dict[str, Any]) -> Any:
     """configs/default.yaml (or --config) + overrides, with `lora.last_n`'s search range clipped to the kept layers."""
     from lorahpo.config import apply_overrides, load_config
-    from lorahpo.model import load_model_config
+    from lorahpo.sources import load_model_config
 
     cfg = apply_overrides(load_config(config), overrides)
     layers = load_model_config(cfg.model).num_hidden_layers
@@ -94,9 +94,10 @@ def base_config(config: str | None, overrides: dict[str, Any]) -> Any:
 def run_method(base: Any, data: Any, method: str, seed: int, budget: int, work: Path) -> dict[str, Any]:
     """One sequential sweep of `method` with root seed `seed`, stopped at `budget` trial-epochs."""
     from lorahpo.config import apply_overrides, to_dict
-    from lorahpo.results import best_row, grid_checkpoint, ordered, trials_frame
-    from lorahpo.search import make_tuner
-    from lorahpo.trainable import CKPT_NAME, evaluate, load_trained
+    from lorahpo.module import evaluate
+    from lorahpo.results import best_checkpoint, best_row, ordered, row_params, trials_frame
+    from lorahpo.trainable import CKPT_NAME, load_trained
+    from lorahpo.tuner import make_tuner
 
     searcher, scheduler = METHODS[method]
     name = f"{method}-seed{seed}"
@@ -113,10 +114,7 @@ def run_method(base: Any, data: Any, method: str, seed: int, budget: int, work: 
         },
     )
     shutil.rmtree(work / name, ignore_errors=True)
-    stopper = EpochBudget(budget)
-    tuner = make_tuner(cfg, data)
-    # make_tuner has no stopper argument: add ours to the RunConfig it built (everything else stays the project's).
-    tuner._local_tuner.get_run_config().stop = stopper
+    tuner = make_tuner(cfg, data, stop=EpochBudget(budget))
     start = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - start
@@ -132,7 +130,7 @@ def run_method(base: Any, data: Any, method: str, seed: int, budget: int, work: 
         trials.append(
             {
                 "trial_id": row["trial_id"],
-                "params": {k.removeprefix("param."): _plain(v) for k, v in row.items() if k.startswith("param.")},
+                "params": row_params(row),
                 "epochs": int(row["epochs"]),
                 "val_fbeta": [float(v) for v in hist["val_fbeta"]],
                 "best_val_fbeta": float(row["best_val_fbeta"]),
@@ -146,12 +144,11 @@ def run_method(base: Any, data: Any, method: str, seed: int, budget: int, work: 
 
     def test_score(trial_id: str, params: dict[str, Any]) -> dict[str, float]:
         trial_cfg = apply_overrides(cfg, params)
-        with grid_checkpoint(grid, trial_id, cfg).as_directory() as d:
+        with best_checkpoint(grid, trial_id, cfg).as_directory() as d:
             module = load_trained(trial_cfg, data, Path(d) / CKPT_NAME)
-        bs = cfg.train.batch_size * 2
         return {
-            **evaluate(module, data.val, data.tokenizer, bs, prefix="val_"),
-            **evaluate(module, data.test, data.tokenizer, bs, prefix="test_"),
+            **{f"val_{k}": v for k, v in evaluate(module, data.val, trial_cfg, data.tokenizer).items()},
+            **{f"test_{k}": v for k, v in evaluate(module, data.test, trial_cfg, data.tokenizer).items()},
         }
 
     best = best_row(df, cfg)
@@ -179,10 +176,6 @@ def run_method(base: Any, data: Any, method: str, seed: int, budget: int, work: 
 
 def _close(a: Any, b: Any) -> bool:
     return abs(float(a) - float(b)) < 1e-9 if isinstance(b, (int, float)) else a == b
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
 
 
 def reach(curve: list[float], target: float) -> int | None:
@@ -384,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorahpo.config import parse_overrides, to_dict
     from lorahpo.data import load_task
-    from lorahpo.model import load_tokenizer
+    from lorahpo.sources import load_tokenizer
 
     quiet()
     overrides = {**(SMOKE if args.smoke else SCALED), **parse_overrides(args.overrides)}

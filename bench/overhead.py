@@ -42,7 +42,7 @@ DEFAULT_TRIAL = {  # a real trial: configs/default.yaml (SmolLM2, 3,000 SMS), on
     "sweep.scheduler": "fifo",
 }
 IMPORT_PROBE = (
-    "import time; t = time.perf_counter(); import lorahpo.trainable, lorahpo.search; print(time.perf_counter() - t)"
+    "import time; t = time.perf_counter(); import lorahpo.trainable, lorahpo.tuner; print(time.perf_counter() - t)"
 )
 
 
@@ -63,7 +63,7 @@ def ray_startup(repeats: int) -> dict[str, Any]:
 
 def cold_import(repeats: int) -> dict[str, Any]:
     """What a fresh trial worker pays before the trial function can run: importing torch, transformers, peft,
-    Lightning, torchmetrics, Ray Tune (through lorahpo.trainable / lorahpo.search)."""
+    Lightning, torchmetrics, Ray Tune (through lorahpo.trainable / lorahpo.tuner)."""
     times = []
     for _ in range(repeats):
         proc = subprocess.run(
@@ -77,7 +77,8 @@ def trial_startup(cfg: Any, data: Any, repeats: int) -> dict[str, Any]:
     """The start of a trial, in-process and warm: data from the object store (a pickle round trip of TaskData),
     seeding + model build + LoRA, loaders, the Lightning Trainer."""
     from lorahpo.data import make_loader
-    from lorahpo.trainable import EpochReporter, _trainer, build_module
+    from lorahpo.module import make_trainer
+    from lorahpo.trainable import EpochReporter, build_module
 
     steps: dict[str, list[float]] = {"data_unpickle_s": [], "model_build_s": [], "loaders_s": [], "trainer_s": []}
     blob = pickle.dumps(data)
@@ -90,10 +91,10 @@ def trial_startup(cfg: Any, data: Any, repeats: int) -> dict[str, Any]:
         steps["model_build_s"].append(time.perf_counter() - t)
         t = time.perf_counter()
         make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
-        make_loader(data.val, data.tokenizer, cfg.train.batch_size * 2, cfg.seed, shuffle=False)
+        make_loader(data.val, data.tokenizer, cfg.train.eval_batch_size, cfg.seed, shuffle=False)
         steps["loaders_s"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        _trainer(cfg, [EpochReporter(cfg, lambda r, d: None, {})], False)
+        make_trainer(cfg, [EpochReporter(cfg, lambda r, d: None, {})], False)
         steps["trainer_s"].append(time.perf_counter() - t)
     return {"data_mb": len(blob) / 2**20, **{k: summary(v) for k, v in steps.items()}}
 
@@ -104,7 +105,7 @@ def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag
 
     from lorahpo.config import apply_overrides
     from lorahpo.results import ordered
-    from lorahpo.search import make_tuner
+    from lorahpo.tuner import make_tuner
 
     name = f"{tag}-{trial}-n{n}-slots{slots}" + ("-reuse" if reuse else "")
     cfg = apply_overrides(
@@ -223,7 +224,7 @@ def markdown(res: dict[str, Any]) -> str:
             [
                 ["ray.init (fresh local Ray, as run_sweep)", res["ray_startup"]["init_s"]["median"]],
                 ["ray.shutdown", res["ray_startup"]["shutdown_s"]["median"]],
-                ["cold import of lorahpo.trainable + search in a fresh process", res["cold_import_s"]["median"]],
+                ["cold import of lorahpo.trainable + tuner in a fresh process", res["cold_import_s"]["median"]],
                 ["tiny model: data unpickle (object store copy)", start["tiny"]["data_unpickle_s"]["median"]],
                 ["tiny model: seed + model build + LoRA", start["tiny"]["model_build_s"]["median"]],
                 ["tiny model: loaders", start["tiny"]["loaders_s"]["median"]],
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorahpo.config import apply_overrides, load_config
     from lorahpo.data import load_task
-    from lorahpo.model import load_tokenizer
+    from lorahpo.sources import load_tokenizer
 
     quiet()
     res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "short_trial": SHORT_TRIAL}

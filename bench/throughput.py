@@ -8,7 +8,7 @@ Each measurement runs in a fresh process (so peak RSS is that run's alone), Ligh
 first 4 layers, 2,100 training SMS), i.e. the first epoch of the default sweep's trials.
 
 Lightning's training phase is timed with a callback added in front of the trial's own callbacks (bench-local
-instrumentation through `lorahpo.trainable._trainer`; it only reads clocks): from `on_train_epoch_start` to
+instrumentation through `lorahpo.trainable.fit(callbacks=...)`; it only reads clocks): from `on_train_epoch_start` to
 `on_validation_start` (every training step, data loading included), and the steps alone.
 
     python bench/throughput.py                        # the recorded run (~10 min on 2 cores)
@@ -87,8 +87,6 @@ def worker_lightning(cfg: Any, data: Any) -> dict[str, Any]:
                 self.val_phase.append(self.t_val_end - self.t_val)
 
     timing = Timing()
-    original = T._trainer
-    T._trainer = lambda c, callbacks, gpu: original(c, [timing, *callbacks], gpu)
     ckpts: list[dict[str, float]] = []
     rows: list[dict[str, Any]] = []
     persist = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
@@ -103,10 +101,9 @@ def worker_lightning(cfg: Any, data: Any) -> dict[str, Any]:
 
     try:
         t = time.perf_counter()
-        T.fit(cfg, data, report)
+        T.fit(cfg, data, report, callbacks=[timing])
         fit_s = time.perf_counter() - t
     finally:
-        T._trainer = original
         shutil.rmtree(persist, ignore_errors=True)
     return {
         "fit_s": fit_s,
@@ -135,7 +132,7 @@ def worker_plain(cfg: Any, data: Any) -> dict[str, Any]:
     module = build_module(cfg, data)  # seeded exactly like a trial: same init
     model, weights = module.model, module.weights
     train_dl = make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
-    val_dl = make_loader(data.val, data.tokenizer, cfg.train.batch_size * 2, cfg.seed, shuffle=False)
+    val_dl = make_loader(data.val, data.tokenizer, cfg.train.eval_batch_size, cfg.seed, shuffle=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     total = len(train_dl) * cfg.train.max_epochs
@@ -184,7 +181,7 @@ def worker_plain(cfg: Any, data: Any) -> dict[str, Any]:
 def run_worker(kind: str, smoke: bool, overrides: list[str]) -> dict[str, Any]:
     quiet()
     from lorahpo.data import load_task
-    from lorahpo.model import load_tokenizer
+    from lorahpo.sources import load_tokenizer
 
     cfg = _config(smoke, overrides)
     t = time.perf_counter()

@@ -8,32 +8,30 @@ overrides (`{"train.lr": 3e-4, "lora.r": 8}`), so the CLI, Tune trials and re-ru
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-# Per-epoch validation metrics and their direction. The tuning metric is the running best of `train.metric`
+from lorahpo.errors import UserError
+from lorahpo.schema import build, unknown_key, valid_keys
+
+# The ONE list of evaluation metrics and their direction: the LightningModule computes them, each split's columns
+# (`val_*`, `test_*`) and every table derive from it. The tuning metric is the running best of `train.metric`
 # ("best_" + name): Optuna is told a trial's LAST reported value, so a running best lets TPE learn from each trial's
 # best epoch and lets ASHA compare like with like.
 METRICS: dict[str, Literal["min", "max"]] = {
-    "val_fbeta": "max",
-    "val_f1": "max",
-    "val_accuracy": "max",
-    "val_loss": "min",
+    "accuracy": "max",
+    "f1": "max",
+    "fbeta": "max",
+    "loss": "min",
 }
+VAL_METRICS: dict[str, Literal["min", "max"]] = {f"val_{k}": mode for k, mode in METRICS.items()}
 FBETA_BETA = 3.0  # recall weighs 3x precision: a missed positive (spam, fraud, ...) costs more than a false alarm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
-
-
-class UserError(Exception):
-    """A mistake in the user's input; the CLI prints it as one line and exits with code 2."""
 
 
 @dataclass(frozen=True)
@@ -132,12 +130,17 @@ class TrainConfig:
             raise UserError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.class_weight <= 0:
             raise UserError(f"train.class_weight={self.class_weight} must be > 0")
-        if self.metric not in METRICS:
-            raise UserError(f"train.metric={self.metric!r} is not a metric; choose one of {sorted(METRICS)}")
-        if self.mode != METRICS[self.metric]:
+        if self.metric not in VAL_METRICS:
+            raise UserError(f"train.metric={self.metric!r} is not a metric; choose one of {sorted(VAL_METRICS)}")
+        if self.mode != VAL_METRICS[self.metric]:
             raise UserError(
-                f"train.mode={self.mode!r} contradicts {self.metric} (set train.mode={METRICS[self.metric]})"
+                f"train.mode={self.mode!r} contradicts {self.metric} (set train.mode={VAL_METRICS[self.metric]})"
             )
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Evaluation keeps no activations for a backward pass: twice the training batch fits the same memory."""
+        return self.batch_size * 2
 
 
 @dataclass(frozen=True)
@@ -229,122 +232,10 @@ def tuning_metric(cfg: ExperimentConfig) -> str:
 # Loading, overrides, dumping
 
 
-def valid_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
-    """Every dotted key a config of this class accepts (sections expanded)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += valid_keys(tp, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
-def _unknown(key: str, candidates: list[str]) -> UserError:
-    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(candidates)}"
-    return UserError(f"unknown config key {key!r}: {hint}")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the declared field type, or raise a UserError naming the key."""
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy scalars from pandas/parquet
-        value = value.item()
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is Literal:
-        if value not in args:
-            raise UserError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}={value!r} must be a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise UserError(f"{key}={list(value)} must have {len(args)} entries")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise UserError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
-            raise UserError(f"{key}={value!r} must be an integer")
-        return int(value)
-    if tp is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)  # YAML reads `1e-4` (no dot) as a string
-        except (TypeError, ValueError):
-            raise UserError(f"{key}={value!r} must be a number") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise UserError(f"{key}={value!r} must be a string")
-        return str(value)
-    if origin is dict or tp is Any:
-        return value
-    return value
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(raw, dict):
-        raise UserError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise _unknown(f"{prefix}{key}", valid_keys(cls, prefix))
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
-        elif key == "search" and cls is ExperimentConfig:
-            kwargs[key] = _build_search(value or {})
-        elif key == "points_to_evaluate":
-            kwargs[key] = tuple(dict(p) for p in (value or ()))
-        else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _build_search(raw: dict[str, Any]) -> dict[str, ParamSpec]:
-    if not isinstance(raw, dict):
-        raise UserError("search must map dotted config keys to {type: ..., ...} entries")
-    space = {}
-    for key, spec in raw.items():
-        if not isinstance(spec, dict):
-            raise UserError(f"search.{key} must be a mapping like {{type: float, low: 1e-4, high: 1e-3, log: true}}")
-        space[key] = _build(ParamSpec, spec, f"search.{key}.")
-    return space
-
-
 def _validate_spec(key: str, spec: ParamSpec) -> None:
-    tunable = [k for k in valid_keys() if not k.startswith(("sweep.", "search")) and k != "seed"]
+    tunable = [k for k in valid_keys(ExperimentConfig) if not k.startswith(("sweep.", "search")) and k != "seed"]
     if key not in tunable:
-        raise _unknown(f"search.{key}", tunable)
+        raise unknown_key(f"search.{key}", tunable)
     if spec.type == "categorical":
         if not spec.choices:
             raise UserError(f"search.{key}: categorical with an empty choice list; give at least one choice")
@@ -385,12 +276,12 @@ def load_config(
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return apply_overrides(_build(ExperimentConfig, raw), overrides or {})
+    return apply_overrides(build(ExperimentConfig, raw), overrides or {})
 
 
 def config_from_yaml(text: str) -> ExperimentConfig:
     """A config from YAML text (e.g. an experiment's config.yaml read from S3)."""
-    return _build(ExperimentConfig, yaml.safe_load(text) or {})
+    return build(ExperimentConfig, yaml.safe_load(text) or {})
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -412,20 +303,51 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | dict[str, Any]
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     raw = to_dict(cfg)
-    keys = valid_keys()
+    keys = valid_keys(ExperimentConfig)
     for key, value in overrides.items():
         if key == "search" or key.startswith("search."):
             raise UserError(f"{key}: the search space is set in the config file, not on the command line")
         if key not in keys:
-            raise _unknown(key, keys)
+            raise unknown_key(key, keys)
         *sections, leaf = key.split(".")
         node = raw
         for s in sections:
             node = node[s]
         node[leaf] = value
-    return _build(ExperimentConfig, raw)
+    return build(ExperimentConfig, raw)
+
+
+def config_yaml(cfg: ExperimentConfig) -> str:
+    """YAML text that `config_from_yaml` reads back to an equal object."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write a config that `load_config` reads back to an equal object."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: value}; the search space stays one value per key."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "search" and not prefix.startswith("search"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: set[str] = frozenset()) -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs (keys in `ignore` skipped)."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    ]
+
+
+def plain(value: Any) -> Any:
+    """A numpy/pandas scalar as the Python value it holds (for JSON and YAML)."""
+    return value.item() if hasattr(value, "item") else value

@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from lorahpo.config import DataConfig, UserError
+from lorahpo.config import DataConfig
+from lorahpo.errors import UserError
+from lorahpo.repro import epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,6 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-    @property
-    def positive_index(self) -> int | None:
-        return 1 if self.num_labels == 2 else None
 
 
 def file_sha256(path: Path) -> str:
@@ -237,7 +235,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = list(range(len(self.lengths)))
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        rng = random.Random(epoch_seed(self.seed, self.epoch))
         if self.shuffle:
             rng.shuffle(order)
         # Sort within windows of `group` batches: nearly as little padding as a global sort, still random.
@@ -275,12 +273,3 @@ def make_loader(split: Split, tokenizer: Any, batch_size: int, seed: int, shuffl
 
     sampler = LengthGroupedBatches([len(t) for t in split.input_ids], batch_size, seed, shuffle)
     return torch.utils.data.DataLoader(_Examples(split), batch_sampler=sampler, collate_fn=collate)
-
-
-def padding_stats(split: Split, batch_size: int, seed: int) -> dict[str, float]:
-    """Real vs padded tokens for one epoch of the batching trials use (a benchmark and a sanity check)."""
-    lengths = [len(t) for t in split.input_ids]
-    batches = list(LengthGroupedBatches(lengths, batch_size, seed))
-    real = sum(lengths)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return {"real_tokens": real, "padded_tokens": padded, "efficiency": real / padded}

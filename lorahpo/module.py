@@ -1,7 +1,11 @@
-"""LightningModule: class-weighted cross-entropy, pinned metrics (accuracy, macro-F1, F-beta beta=3), AdamW + warmup."""
+"""LightningModule: class-weighted cross-entropy, the pinned metrics (config.METRICS: accuracy, macro-F1, F-beta with
+beta=3, loss), AdamW + warmup; the Trainer every trial and every evaluation uses; and `evaluate`, the ONE routine that
+scores a split outside training (the test split, a reloaded checkpoint)."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -17,13 +21,16 @@ from torchmetrics.classification import (
 )
 from transformers import get_linear_schedule_with_warmup
 
-from lorahpo.config import FBETA_BETA, TrainConfig
+from lorahpo.config import FBETA_BETA, METRICS, ExperimentConfig, TrainConfig
+from lorahpo.data import Split, make_loader
 from lorahpo.repro import epoch_seed
 
+PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 
-def make_metrics(num_labels: int, prefix: str) -> torchmetrics.MetricCollection:
+
+def make_metrics(num_labels: int) -> torchmetrics.MetricCollection:
     """Binary: accuracy, macro-F1 over both classes, F-beta of the positive class (index 1).
-    Multi-class: accuracy, macro-F1, macro F-beta."""
+    Multi-class: accuracy, macro-F1, macro F-beta. (The loss, the fourth metric, is tracked by the module.)"""
     if num_labels == 2:
         metrics = {
             "accuracy": BinaryAccuracy(),
@@ -36,7 +43,8 @@ def make_metrics(num_labels: int, prefix: str) -> torchmetrics.MetricCollection:
             "f1": MulticlassF1Score(num_labels, average="macro"),
             "fbeta": MulticlassFBetaScore(beta=FBETA_BETA, num_classes=num_labels, average="macro"),
         }
-    return torchmetrics.MetricCollection(metrics, prefix=prefix)
+    assert set(metrics) | {"loss"} == set(METRICS), "config.METRICS and the metrics computed here must agree"
+    return torchmetrics.MetricCollection(metrics)
 
 
 def class_weights(labels: list[int], num_labels: int, positive_weight: float) -> torch.Tensor:
@@ -55,8 +63,8 @@ class LoraClassifier(L.LightningModule):
         super().__init__()
         self.model, self.cfg, self.seed = model, cfg, seed
         self.register_buffer("weights", weights.float(), persistent=False)
-        self.val_metrics = make_metrics(num_labels, "val_")
-        self.val_loss = torchmetrics.MeanMetric()
+        self.eval_metrics = make_metrics(num_labels)
+        self.eval_loss = torchmetrics.MeanMetric()
         self.train_loss = torchmetrics.MeanMetric()
         # Checkpoints hold only trainable tensors; the frozen base comes from the model source on load.
         self.strict_loading = False
@@ -81,15 +89,15 @@ class LoraClassifier(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch)
         # Unweighted: comparable across trials that tune class_weight.
-        self.val_loss.update(F.cross_entropy(logits, batch["labels"], reduction="sum") / len(logits), len(logits))
-        self.val_metrics.update(logits.argmax(-1), batch["labels"])
+        self.eval_loss.update(F.cross_entropy(logits, batch["labels"], reduction="sum") / len(logits), len(logits))
+        self.eval_metrics.update(logits.argmax(-1), batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
-        out = {k: v.item() for k, v in self.val_metrics.compute().items()}
-        out["val_loss"] = self.val_loss.compute().item()
-        self.log_dict(out)
-        self.val_metrics.reset()
-        self.val_loss.reset()
+        out = {k: v.item() for k, v in self.eval_metrics.compute().items()}
+        out["loss"] = self.eval_loss.compute().item()
+        self.eval_metrics.reset()
+        self.eval_loss.reset()
+        self.log_dict({f"val_{k}": out[k] for k in METRICS})
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -101,3 +109,32 @@ class LoraClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def make_trainer(cfg: ExperimentConfig, callbacks: Sequence[L.Callback] = (), gpu: bool = False) -> L.Trainer:
+    """The Trainer of every trial and every evaluation: the config's precision (bf16/fp16 = mixed, autocast over a
+    half-precision base with fp32 adapters and head), one device, no Lightning logging or checkpointing of its own."""
+    return L.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        max_epochs=cfg.train.max_epochs,
+        callbacks=list(callbacks),
+        precision=PRECISION[cfg.model.dtype],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic="warn",
+        use_distributed_sampler=False,
+    )
+
+
+def evaluate(module: LoraClassifier, split: Split, cfg: ExperimentConfig, tokenizer: Any, gpu: bool = False) -> dict:
+    """Every metric of config.METRICS on a split, computed exactly as validation does during training (same batches,
+    same precision and autocast, same device): {"accuracy": ..., "f1": ..., "fbeta": ..., "loss": ...}."""
+    loader = make_loader(split, tokenizer, cfg.train.eval_batch_size, cfg.seed, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers).*")
+        out = make_trainer(cfg, gpu=gpu).validate(module, loader, verbose=False)[0]
+    return {k.removeprefix("val_"): float(v) for k, v in out.items()}

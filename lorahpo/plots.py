@@ -7,23 +7,19 @@ import logging
 import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt  # files only (savefig); without a display matplotlib picks Agg by itself
 import optuna
 import pandas as pd
-from ray.tune import ResultGrid
+from matplotlib.ticker import MaxNLocator
+from optuna.visualization import matplotlib as ovm
 
 from lorahpo.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
 
-def write_plots(study: optuna.Study, df: pd.DataFrame, grid: ResultGrid, cfg: ExperimentConfig, out: Path) -> list[str]:
+def write_plots(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfig, out: Path) -> list[str]:
     """Write the plots that the sweep supports (importances need 2+ finished trials); return their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
     target = f"{cfg.train.metric} (running best)"
     plots = {
         "optimization_history.png": lambda: ovm.plot_optimization_history(study, target_name=target),
@@ -50,8 +46,6 @@ def write_plots(study: optuna.Study, df: pd.DataFrame, grid: ResultGrid, cfg: Ex
 
 def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfig):
     """Per-trial val metric by epoch; trials stopped by ASHA or early stopping end early and are marked."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots()
     reasons = dict(zip(df["trial_id"], df["stop_reason"]))
     styles = {"asha_stop": "x", "early_stop": "s", "error": "v"}
@@ -63,8 +57,6 @@ def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfi
         (line,) = ax.plot(epochs, values, marker="o", ms=3, lw=1, label=f"{t.number} ({reason})")
         if reason in styles:
             ax.plot(epochs[-1], values[-1], styles[reason], color=line.get_color(), ms=9)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(cfg.train.metric)

@@ -9,6 +9,7 @@ import platform
 import subprocess
 from typing import Any
 
+import lightning
 import torch
 
 from lorahpo.config import REPO_ROOT, ExperimentConfig, to_dict
@@ -32,8 +33,6 @@ PACKAGES = (
 
 def seed_everything_everywhere(seed: int) -> None:
     """Seed Python, NumPy, torch (CPU and CUDA) and Lightning, and make kernels deterministic."""
-    import lightning
-
     if seed is None:  # 0 is a valid seed: never test truthiness
         raise ValueError("seed must be an integer")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
@@ -74,8 +73,21 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name: floating-point results are identical only on the same hardware type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> dict[str, Any]:
     return {
+        "cpu": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),

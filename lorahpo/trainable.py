@@ -18,18 +18,24 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import ray
 import torch
+import transformers
+from ray import tune
 
-from lorahpo.config import ExperimentConfig, UserError, apply_overrides, dump_config, load_config, tuning_metric
-from lorahpo.data import Split, TaskData, load_task, make_loader, split_rows
-from lorahpo.model import build_classifier, load_tokenizer, trainable_parameters
-from lorahpo.module import LoraClassifier, class_weights
+from lorahpo.checks import check_model_fit
+from lorahpo.config import ExperimentConfig, apply_overrides, dump_config, load_config, tuning_metric
+from lorahpo.data import TaskData, load_task, make_loader, split_rows
+from lorahpo.errors import UserError
+from lorahpo.model import build_classifier, trainable_parameters
+from lorahpo.module import LoraClassifier, class_weights, make_trainer
 from lorahpo.repro import manifest, seed_everything_everywhere
+from lorahpo.sources import load_model_config, load_tokenizer
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "trial.ckpt"
@@ -88,17 +94,11 @@ class EpochReporter(L.Callback):
 
 def quiet_logs() -> None:
     """Trials log through Ray to the driver's console: keep per-trial banners, tips and load reports out of it."""
-    import transformers
-
     transformers.logging.set_verbosity_error()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|weights_only|litlogger).*")
-
-
-def _precision(cfg: ExperimentConfig) -> str:
-    return {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}[cfg.model.dtype]
 
 
 def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
@@ -113,23 +113,6 @@ def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
     return LoraClassifier(model, cfg.train, data.num_labels, weights, cfg.seed)
 
 
-def _trainer(cfg: ExperimentConfig, callbacks: list[L.Callback], gpu: bool) -> L.Trainer:
-    return L.Trainer(
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        max_epochs=cfg.train.max_epochs,
-        callbacks=callbacks,
-        precision=_precision(cfg),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic="warn",
-        use_distributed_sampler=False,
-    )
-
-
 def fit(
     cfg: ExperimentConfig,
     data: TaskData,
@@ -138,14 +121,16 @@ def fit(
     num_threads: int | None = None,
     gpu: bool = False,
     tags: dict[str, Any] | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> LoraClassifier:
-    """Train one trial; `report` gets one call per epoch. `resume_from` continues a checkpoint exactly."""
+    """Train one trial; `report` gets one call per epoch. `resume_from` continues a checkpoint exactly. `callbacks`
+    run before the reporter (benchmarks time epochs with them)."""
     torch.set_num_threads(cfg.train.num_threads or num_threads or torch.get_num_threads())
     module = build_module(cfg, data)
     extra = {"trainable_params": trainable_parameters(module.model), **(tags or {})}
     train_dl = make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
-    val_dl = make_loader(data.val, data.tokenizer, cfg.train.batch_size * 2, cfg.seed, shuffle=False)
-    trainer = _trainer(cfg, [EpochReporter(cfg, report, extra)], gpu)
+    val_dl = make_loader(data.val, data.tokenizer, cfg.train.eval_batch_size, cfg.seed, shuffle=False)
+    trainer = make_trainer(cfg, [*callbacks, EpochReporter(cfg, report, extra)], gpu)
     module.train()  # from_pretrained leaves the model in eval mode, and Lightning keeps it: dropout would be off
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|strict_loading).*")
@@ -164,21 +149,6 @@ def load_trained(cfg: ExperimentConfig, data: TaskData, ckpt: Path) -> LoraClass
     return module.eval()
 
 
-@torch.no_grad()
-def evaluate(
-    module: LoraClassifier, split: Split, tokenizer: Any, batch_size: int, prefix: str = "test_"
-) -> dict[str, float]:
-    """Accuracy, macro-F1, F-beta and loss on a split (the test split is scored ONCE, for the best trial)."""
-    module.eval()
-    for batch in make_loader(split, tokenizer, batch_size, 0, shuffle=False):
-        module.validation_step({k: v.to(module.device) for k, v in batch.items()}, 0)
-    out = {k: v.item() for k, v in module.val_metrics.compute().items()}
-    out["val_loss"] = module.val_loss.compute().item()
-    module.val_metrics.reset()
-    module.val_loss.reset()
-    return {prefix + k.removeprefix("val_"): v for k, v in out.items()}
-
-
 def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, out: Path) -> None:
     """Adapter + head (peft format), tokenizer, label map and a re-runnable config."""
     out.mkdir(parents=True, exist_ok=True)
@@ -188,32 +158,38 @@ def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, o
     dump_config(cfg, out / "best_config.yaml")
 
 
+def use_gpu(cfg: ExperimentConfig) -> bool:
+    """Trials (and evaluations) run on the GPU when the sweep gives them one and this process sees one."""
+    return torch.cuda.is_available() and cfg.sweep.gpus_per_trial > 0
+
+
+def trial_threads(cfg: ExperimentConfig) -> int:
+    """torch threads of a trial: its CPU share (Ray does not pin threads; too many oversubscribe the node)."""
+    return max(1, int(cfg.sweep.cpus_per_trial))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Ray Tune
 
 
 def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
     """Function trainable: a trial is the base config plus the searcher's dotted overrides."""
-    import ray
-    from ray import tune
-
     cfg = apply_overrides(base, params)
     quiet_logs()
-    gpu = torch.cuda.is_available() and base.sweep.gpus_per_trial > 0
+    gpu = use_gpu(base)
     if gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         # the driver (e.g. a CPU head node) could not see this node's GPU; fail the trial with the same advice
         raise UserError(f"model.dtype=bfloat16 but {torch.cuda.get_device_name()} has no bf16; set model.dtype=float16")
     report: ReportFn = lambda row, d: tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(d)))  # noqa: E731
     # Where each epoch ran: audit trail for retries and multi-node placement.
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
-    threads = max(1, int(base.sweep.cpus_per_trial))
     ckpt = tune.get_checkpoint()
     try:
         if ckpt is None:
-            fit(cfg, data, report, num_threads=threads, gpu=gpu, tags=tags)
+            fit(cfg, data, report, num_threads=trial_threads(base), gpu=gpu, tags=tags)
         else:  # a retry after a failure, or a restored sweep: continue from the last epoch reported
             with ckpt.as_directory() as d:
-                fit(cfg, data, report, Path(d) / CKPT_NAME, threads, gpu, tags)
+                fit(cfg, data, report, Path(d) / CKPT_NAME, trial_threads(base), gpu, tags)
     finally:
         if torch.cuda.is_available():  # fractional GPUs: the next trial on this GPU needs the memory
             torch.cuda.empty_cache()
@@ -228,6 +204,7 @@ def run_single(cfg: ExperimentConfig, out: Path, data: TaskData | None = None) -
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new --out (earlier results are kept)")
+    check_model_fit(cfg, load_model_config(cfg.model))
     out.mkdir(parents=True, exist_ok=True)
     data = data or load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
     (out / "split.json").write_text(json.dumps(split_rows(data)))
@@ -247,7 +224,7 @@ def run_single(cfg: ExperimentConfig, out: Path, data: TaskData | None = None) -
             w.writerows(rows)
 
     start = time.perf_counter()
-    module = fit(cfg, data, report, gpu=torch.cuda.is_available() and cfg.sweep.gpus_per_trial > 0)
+    module = fit(cfg, data, report, gpu=use_gpu(cfg))
     meta["trainable_params"] = trainable_parameters(module.model)
     meta["wall_time_s"] = time.perf_counter() - start
     (out / "manifest.json").write_text(json.dumps(meta, indent=2))

@@ -16,7 +16,7 @@ import pytest
 
 from lorahpo.config import ExperimentConfig, apply_overrides, load_config
 from lorahpo.data import TaskData, load_task
-from lorahpo.model import load_tokenizer
+from lorahpo.sources import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {

@@ -2,17 +2,22 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from lorahpo.config import (
     ExperimentConfig,
-    UserError,
     apply_overrides,
     dump_config,
+    flatten,
     load_config,
     parse_overrides,
     to_dict,
 )
+from lorahpo.errors import UserError
+from lorahpo.schema import valid_keys
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -20,6 +25,13 @@ def test_every_config_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.search, "every shipped config declares a search space"
+
+
+@pytest.mark.parametrize("path", [*CONFIGS, *(ROOT / "bench").glob("*.yaml")], ids=lambda p: p.name)
+def test_every_shipped_config_lists_every_key(path: Path) -> None:
+    """The README promises it: a user reads every knob, with its comment, in the file they run."""
+    listed = set(flatten({k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "search"}))
+    assert sorted(set(valid_keys(ExperimentConfig)) - {"search"} - listed) == []
 
 
 def test_shipped_configs_present() -> None:

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 import tune_lora
+from lorahpo.checks import check_dtype
 from lorahpo.config import load_config
-from lorahpo.preflight import check_dtype
 
 from .conftest import cli, tiny_args, tiny_config
 from .fake_hub import FakeHub
@@ -174,7 +174,7 @@ def test_config_half_precision_without_hardware(run) -> None:
 
 def test_bf16_on_cpu_without_native_bf16() -> None:
     """This machine's CPU has AVX512-BF16, so the CPU without it is described to the check (a stand-in)."""
-    from lorahpo.config import UserError
+    from lorahpo.errors import UserError
 
     cfg = tiny_config(**{"model.dtype": "bfloat16"})
     check_dtype(cfg, cpu_bf16=True, cuda_bf16=[])  # fine where the CPU has it

@@ -11,9 +11,9 @@ M_PRED = [0, 2, 2, 1, 1, 0, 2, 0, 0, 2]
 
 
 def _compute(num_labels: int, pred: list[int], true: list[int]) -> dict[str, float]:
-    m = make_metrics(num_labels, "val_")
+    m = make_metrics(num_labels)
     m.update(torch.tensor(pred), torch.tensor(true))
-    return {k: v.item() for k, v in m.compute().items()}
+    return {f"val_{k}": v.item() for k, v in m.compute().items()}
 
 
 def test_binary_metrics_match_sklearn() -> None:

@@ -15,8 +15,9 @@ from peft import PeftModel
 
 from lorahpo.config import load_config, to_dict
 from lorahpo.data import load_task
-from lorahpo.model import build_base, load_tokenizer
+from lorahpo.model import build_base
 from lorahpo.results import load_experiment, load_journal
+from lorahpo.sources import load_tokenizer
 from lorahpo.trainable import fit
 
 from .conftest import cli, cli_background, snapshot_trials, tiny_args, tiny_config, wait_for

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from lorahpo.config import ExperimentConfig, UserError, apply_overrides, load_config
+from lorahpo.config import ExperimentConfig, apply_overrides, load_config
 from lorahpo.data import TaskData, load_task
-from lorahpo.model import SMOLLM2, load_tokenizer
+from lorahpo.errors import UserError
+from lorahpo.sources import SMOLLM2, load_tokenizer
 from lorahpo.trainable import CKPT_NAME, fit, load_trained, main, run_single
 
 from .conftest import tiny_config

@@ -1,0 +1,143 @@
+"""Everything verified before the first trial (and by --dry-run): the model against the config and search space,
+half precision against the hardware, trial resources against the nodes, the experiment directory against --resume
+and --overwrite. Storage is checked by storage.py. Errors are `UserError`s: one line naming the problem and the fix."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from lorahpo.config import ExperimentConfig, config_diff, config_from_yaml
+from lorahpo.errors import UserError
+from lorahpo.storage import check_storage_shared, display, exists, experiment_dir, read_text
+
+
+def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
+    """Config values (and search-space bounds) the model cannot satisfy. The one place `lora.last_n` meets the
+    layer count: a trial that gets here builds its model without surprises."""
+    layers = model_config.num_hidden_layers
+    last_n = [cfg.lora.last_n]
+    spec = cfg.search.get("lora.last_n")
+    if spec is not None:
+        last_n += [int(v) for v in (*(spec.choices or ()), spec.high) if v is not None]
+    if max(last_n) > layers:
+        raise UserError(
+            f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
+            f"{cfg.model.name}"
+            + (f" truncated by model.num_layers={cfg.model.num_layers}" if cfg.model.num_layers else "")
+            + f"; use at most {layers}"
+        )
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise UserError(
+            f"data.max_length={cfg.data.max_length} exceeds what {cfg.model.name} supports ({context} "
+            f"positions); set data.max_length<={context}"
+        )
+
+
+# Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may.
+RELOCATABLE = {"sweep.storage_path", "sweep.s3_endpoint"}
+
+
+def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = False) -> None:
+    """Never overwrite an earlier sweep silently; never 'resume' nothing; never resume with another config."""
+    path, fs = experiment_dir(cfg)
+    where = display(cfg, experiment=True)
+    if resume:
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise UserError(
+                f"--resume: no experiment named {cfg.sweep.name!r} at {where}; check sweep.name and "
+                "sweep.storage_path, or drop --resume to start a new sweep"
+            )
+        check_same_config(cfg, read_text(fs, f"{path}/config.yaml"), where)
+        return
+    if exists(fs, path) and not overwrite:
+        raise UserError(
+            f"a sweep named {cfg.sweep.name!r} already exists at {where}; pass --resume to continue it, "
+            "--overwrite to replace it, or choose a new sweep.name (earlier results are never deleted silently)"
+        )
+
+
+def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str) -> None:
+    """Refuse to resume a sweep under a different config: its trials would not be comparable."""
+    if stored_yaml is None:
+        raise UserError(
+            f"--resume: {where} has no config.yaml; it was not started by tune_lora.py and cannot be resumed"
+        )
+    diff = config_diff(config_from_yaml(stored_yaml), cfg, ignore=RELOCATABLE)
+    if diff:
+        raise UserError(
+            f"--resume with a config that differs from the interrupted sweep's ({'; '.join(diff)}); resume with "
+            f"the same config (saved as {where}/config.yaml) or start a new sweep.name"
+        )
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere torch emulates bf16, very slowly."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.machine().lower() in ("arm64", "aarch64")  # Apple silicon / Graviton have bf16 paths
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cuda_bf16() -> list[bool]:
+    """bf16 support of each GPU this process sees (Ampere or newer)."""
+    return [torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count())]
+
+
+def check_dtype(cfg: ExperimentConfig, cpu_bf16: bool, cuda_bf16: list[bool]) -> None:
+    """Half precision the trials' hardware can't do. `cuda_bf16`: bf16 support of the GPUs this process sees (on a
+    cluster the driver may have none; the trial checks its own GPU again when it starts)."""
+    dtype = cfg.model.dtype
+    if dtype == "float32":
+        return
+    if cfg.sweep.gpus_per_trial == 0:
+        if dtype == "float16":
+            raise UserError(
+                "model.dtype=float16 needs a GPU but sweep.gpus_per_trial=0; use model.dtype=float32 on CPU "
+                "(or bfloat16 on a CPU with native bf16)"
+            )
+        if not cpu_bf16:
+            raise UserError(
+                "model.dtype=bfloat16 but trials run on CPU (sweep.gpus_per_trial=0) and this CPU has no native bf16 "
+                "(AVX512-BF16/AMX); set model.dtype=float32"
+            )
+    elif dtype == "bfloat16" and cuda_bf16 and not all(cuda_bf16):
+        raise UserError(
+            "model.dtype=bfloat16 but this GPU has no bf16 support (it needs Ampere or newer); set "
+            "model.dtype=float16 or float32"
+        )
+
+
+def local_nodes() -> list[dict[str, float]]:
+    """What a local Ray will offer: all CPUs and GPUs of this machine."""
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Resources of every alive node of the connected Ray cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cfg: ExperimentConfig, nodes: list[dict[str, float]]) -> None:
+    """A trial no node can hold would wait forever in Tune's queue: fail fast and show what the cluster has."""
+    cpus, gpus = cfg.sweep.cpus_per_trial, cfg.sweep.gpus_per_trial
+    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        return
+    have = "; ".join(f"node {i + 1}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for i, n in enumerate(nodes))
+    raise UserError(
+        f"no node can run a trial of sweep.cpus_per_trial={cpus:g} and sweep.gpus_per_trial={gpus:g}; the cluster "
+        f"has {have}; lower them (or add nodes with --address)"
+    )
+
+
+def check_cluster(cfg: ExperimentConfig) -> None:
+    """On a connected Ray: what only the cluster can tell (every trial fits a node; storage is shared by all)."""
+    check_resources(cfg, cluster_nodes())  # before any trial: Tune would queue an unplaceable trial forever
+    check_storage_shared(cfg)  # every node reads what the driver wrote (a head-local path fails here, not later)

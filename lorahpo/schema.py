@@ -1,0 +1,123 @@
+"""Frozen dataclasses from plain YAML data: every value coerced to the type its field declares (`1e-4` read as a
+string becomes a float, `q_proj,v_proj` a tuple, `null` None), every unknown key named with the nearest valid one.
+Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from lorahpo.errors import UserError
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config of this class accepts (sections expanded)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def unknown_key(key: str, candidates: list[str]) -> UserError:
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(candidates)}"
+    return UserError(f"unknown config key {key!r}: {hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the declared field type, or raise a UserError naming the key."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy scalars from pandas/parquet
+        value = value.item()
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if value is None:  # an empty YAML list (`key:` with nothing after it)
+            return ()
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}={value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise UserError(f"{key}={list(value)} must have {len(args)} entries")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise UserError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
+            raise UserError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # YAML reads `1e-4` (no dot) as a string
+        except (TypeError, ValueError):
+            raise UserError(f"{key}={value!r} must be a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{key}={value!r} must be a string")
+        return str(value)
+    if origin is dict:
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        inner = args[1]
+        if dataclasses.is_dataclass(inner):  # e.g. the search space: {dotted key: ParamSpec}
+            for k, v in value.items():
+                if not isinstance(v, dict):
+                    raise UserError(f"{key}.{k} must be a mapping of {', '.join(valid_keys(inner))}")
+            return {k: build(inner, v, f"{key}.{k}.") for k, v in value.items()}
+        return dict(value)
+    return value
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise unknown_key(f"{prefix}{key}", valid_keys(cls, prefix))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)

@@ -1,0 +1,167 @@
+"""The Ray Tune side of a sweep: YAML space -> Optuna distributions, the seeded searcher (TPE or random through
+OptunaSearch), the scheduler (ASHA or FIFO), the function trainable with its resources, callbacks, and the Tuner,
+new or restored."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+import pyarrow.fs
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from lorahpo.config import ExperimentConfig, tuning_metric
+from lorahpo.data import TaskData
+from lorahpo.space import optuna_space
+from lorahpo.storage import display, experiment_dir, storage, storage_failure
+from lorahpo.trainable import tune_trial
+
+
+def make_searcher(cfg: ExperimentConfig) -> OptunaSearch:
+    """OptunaSearch with a seeded sampler: TPE, or random search (same machinery, for fair comparisons)."""
+    if cfg.sweep.searcher == "tpe":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+            seed=cfg.seed, n_startup_trials=cfg.sweep.n_startup_trials
+        )
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    points = [dict(p) for p in cfg.sweep.points_to_evaluate] or None  # partial points: Optuna samples the rest
+    return OptunaSearch(
+        space=optuna_space(cfg),
+        metric=tuning_metric(cfg),
+        mode=cfg.train.mode,
+        sampler=sampler,
+        points_to_evaluate=points,
+    )
+
+
+def make_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
+    if cfg.sweep.scheduler == "asha":
+        # time_attr "epoch": the 1-based epochs a trial has completed (survives a resume, unlike wall time)
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.max_epochs,
+            grace_period=cfg.sweep.grace_period,
+            reduction_factor=cfg.sweep.reduction_factor,
+        )
+    return FIFOScheduler()
+
+
+def trial_dirname(trial: Any) -> str:
+    """`trial_<n>_<id>`: n is the searcher's suggestion order (its experiment_tag counter, restored on resume), so
+    directory names sort in creation order; the params are in params.json and results.parquet."""
+    index = int(str(trial.experiment_tag).split("_")[0] or 0)
+    return f"trial_{index:03d}_{trial.trial_id}"
+
+
+# Secrets a trial needs and no node has: the driver forwards them from its own environment through Ray's object store
+# (a runtime_env would show them in the dashboard; nothing here is written to storage). On a cluster this is how trials
+# on every node reach gated weights with the HF_TOKEN handed to the driver at launch (see cluster.yaml).
+FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def trial_with_env(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
+    os.environ.update(env)  # before the trial loads a model
+    tune_trial(params, base, data)
+
+
+def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
+    """The function trainable with the tokenized data put in the object store ONCE, and the trial's resources."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=env)
+    return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
+
+
+class StorageWatch(tune.Callback):
+    """When a trial fails, check storage from the driver; if storage is what failed, stop the sweep with one clear
+    line (see storage.storage_failure) rather than let every running trial burn its retries, and every pending trial
+    an epoch, against it. Pickled into the experiment state, so a resumed sweep keeps watching."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    def _check(self) -> None:
+        error = storage_failure(self.cfg)
+        if error is not None:
+            raise error
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check()
+
+
+def make_tuner(
+    cfg: ExperimentConfig,
+    data: TaskData,
+    stop: Any = None,
+    callbacks: Sequence[tune.Callback] = (),
+) -> tune.Tuner:
+    """A new sweep. `stop` (a Tune Stopper or dict) and extra `callbacks` are for benchmarks and tests."""
+    root, fs = storage(cfg)
+    run_config = tune.RunConfig(
+        name=cfg.sweep.name,
+        storage_path=root,
+        storage_filesystem=None if isinstance(fs, pyarrow.fs.LocalFileSystem) else fs,
+        # Keep the best epoch's checkpoint (scored by the per-epoch metric, not the running best, whose ties would
+        # pick a later epoch) and the latest (Ray always keeps it, for resume).
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=cfg.sweep.num_to_keep,
+            checkpoint_score_attribute=cfg.train.metric,
+            checkpoint_score_order=cfg.train.mode,
+        ),
+        failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+        callbacks=[StorageWatch(cfg), *callbacks],
+        stop=stop,
+        verbose=1,
+    )
+    tune_config = tune.TuneConfig(
+        metric=tuning_metric(cfg),
+        mode=cfg.train.mode,
+        search_alg=make_searcher(cfg),
+        scheduler=make_scheduler(cfg),
+        num_samples=cfg.sweep.num_samples,
+        max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+        trial_dirname_creator=trial_dirname,
+        # One worker process serves trial after trial (a new one costs ~7 s of imports per trial: bench/overhead.py).
+        # Safe because each trial seeds everything, sets its thread count and builds its model anew; a killed or
+        # failed worker is still replaced by a fresh one.
+        reuse_actors=cfg.sweep.reuse_actors,
+    )
+    return tune.Tuner(trainable(cfg, data), tune_config=tune_config, run_config=run_config)
+
+
+def restore_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
+    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
+    searcher's state (TPE's history) restored so no trial runs twice."""
+    path, fs = experiment_dir(cfg)
+    return tune.Tuner.restore(
+        path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+    )
+
+
+def describe(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a sweep will do (for --dry-run and the log)."""
+    s = cfg.sweep
+    budget = s.num_samples * cfg.train.max_epochs
+    return {
+        "searcher": f"{s.searcher} (seed {cfg.seed}"
+        + (f", {s.n_startup_trials} random start-up trials)" if s.searcher == "tpe" else ")"),
+        "scheduler": s.scheduler
+        + (
+            f" (grace {s.grace_period}, reduction {s.reduction_factor}, max_t {cfg.train.max_epochs} epochs)"
+            if s.scheduler == "asha"
+            else ""
+        ),
+        "metric": f"{tuning_metric(cfg)} ({cfg.train.mode})",
+        "trial_budget": f"{s.num_samples} trials x up to {cfg.train.max_epochs} epochs = at most {budget} trial-epochs",
+        "resources": f"{s.cpus_per_trial} CPU + {s.gpus_per_trial} GPU per trial, at most "
+        f"{s.max_concurrent_trials} at once",
+        "storage": display(cfg, experiment=True),
+        "search_space": {k: {a: b for a, b in vars(v).items() if b is not None} for k, v in cfg.search.items()},
+    }

@@ -1,0 +1,96 @@
+"""results.py on a recorded grid (Tune Result objects as a sweep leaves them), without Ray running: one row per trial,
+the best trial, the study. Fast; the end-to-end sweeps check the same code on real grids."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import optuna
+import pandas as pd
+import pytest
+from ray import tune
+
+from lorahpo.config import VAL_METRICS, ParamSpec
+from lorahpo.results import EPOCH_COLUMNS, best_row, optuna_study, row_config, row_params, trials_frame
+
+from .conftest import tiny_config
+
+CFG = tiny_config(**{"train.max_epochs": 3})
+
+
+def recorded(n: int, params: dict, fbeta: list[float], error: Exception | None = None, early: bool = False):
+    """A trial's Result: one report per epoch with the running best, checkpoints for the best and last epochs."""
+    rows, best, best_epoch = [], -1.0, 0
+    for e, f in enumerate(fbeta, start=1):
+        if f > best:
+            best, best_epoch = f, e
+        rows.append(
+            {
+                "epoch": e,
+                "train_loss": 1.0 / e,
+                **{k: f if k == "val_fbeta" else 0.5 for k in VAL_METRICS},
+                "best_val_fbeta": best,
+                "best_epoch": best_epoch,
+                "early_stopped": early and e == len(fbeta),
+                "time_total_s": 10.0 * e,
+                "config": params,
+            }
+        )
+    hist = pd.DataFrame(rows).drop(columns="config") if rows else None
+    ckpts = [(tune.Checkpoint(f"/ckpt/{n}/{r['epoch']}"), r) for r in rows]
+    path = f"/store/sweep/trial_{n:03d}_abc{n}"
+    return tune.Result(rows[-1] if rows else {"config": params}, None, error, path, hist, ckpts)
+
+
+GRID = [
+    recorded(2, {"train.lr": 3e-3, "lora.r": 4}, [0.2]),  # stopped by ASHA after 1 epoch
+    recorded(0, {"train.lr": 1e-3, "lora.r": 8}, [0.5, 0.8, 0.7]),
+    recorded(1, {"train.lr": 2e-3, "lora.r": 8}, [0.6, 0.8, 0.8]),  # ties trial 0: the earlier trial wins
+    recorded(3, {"train.lr": 4e-3, "lora.r": 16}, [0.3, 0.1], early=True),
+]
+
+
+def test_trials_frame_one_row_per_trial_in_creation_order() -> None:
+    df = trials_frame(GRID, CFG)
+    assert df["trial_id"].tolist() == ["trial_000_abc0", "trial_001_abc1", "trial_002_abc2", "trial_003_abc3"]
+    assert df["stop_reason"].tolist() == ["max_epochs", "max_epochs", "asha_stop", "early_stop"]
+    assert df["epochs"].tolist() == [3, 3, 1, 2]
+    assert df["best_val_fbeta"].tolist() == [0.8, 0.8, 0.2, 0.3]
+    assert df["best_epoch"].tolist() == [2, 2, 1, 1]
+    assert df["best_epoch_val_fbeta"].tolist() == [0.8, 0.8, 0.2, 0.3]
+    assert df["last_val_fbeta"].tolist() == [0.7, 0.8, 0.2, 0.1]
+    assert df["checkpoint"].tolist() == ["/ckpt/0/2", "/ckpt/1/2", "/ckpt/2/1", "/ckpt/3/1"]
+    assert df["param.train.lr"].tolist() == [1e-3, 2e-3, 3e-3, 4e-3]
+    assert set(EPOCH_COLUMNS) >= {"epoch", "train_loss", *VAL_METRICS}
+
+
+def test_best_row_ties_go_to_the_earlier_trial_and_errors_are_skipped() -> None:
+    failed = recorded(4, {"train.lr": 5e-3, "lora.r": 4}, [], error=RuntimeError("out of memory\nmore"))
+    df = trials_frame([*GRID, failed], CFG)
+    assert df.loc[4, "stop_reason"] == "error" and df.loc[4, "error"] == "out of memory"
+    assert math.isnan(df.loc[4, "best_val_fbeta"])
+    best = best_row(df, CFG)
+    assert best["trial_id"] == "trial_000_abc0"
+    assert row_params(best) == {"train.lr": 1e-3, "lora.r": 8}
+    assert row_config(CFG, best).train.lr == 1e-3 and row_config(CFG, best).lora.r == 8
+    with pytest.raises(RuntimeError, match="no trial reported a metric"):
+        best_row(df.iloc[[4]], CFG)
+
+
+def test_optuna_study_mirrors_the_table() -> None:
+    base = tiny_config(**{"train.max_epochs": 3, "sweep.points_to_evaluate": "[]"})
+    space = {"train.lr": ParamSpec("float", 1e-4, 1e-2, True), "lora.r": ParamSpec("categorical", choices=(4, 8, 16))}
+    cfg = dataclasses.replace(base, search=space)
+    study = optuna_study(GRID, cfg)
+    assert [t.params for t in study.trials] == [
+        {"train.lr": 1e-3, "lora.r": 8},
+        {"train.lr": 2e-3, "lora.r": 8},
+        {"train.lr": 3e-3, "lora.r": 4},
+        {"train.lr": 4e-3, "lora.r": 16},
+    ]
+    assert [t.value for t in study.trials] == [0.8, 0.8, 0.2, 0.3]
+    assert study.trials[2].intermediate_values == {1: 0.2}
+    assert [t.user_attrs["stop_reason"] for t in study.trials] == ["max_epochs", "max_epochs", "asha_stop", "early_stop"]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.best_trial.number == 0
