@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from lorahpo.config import (

@@ -91,6 +91,11 @@ def test_optuna_study_mirrors_the_table() -> None:
     ]
     assert [t.value for t in study.trials] == [0.8, 0.8, 0.2, 0.3]
     assert study.trials[2].intermediate_values == {1: 0.2}
-    assert [t.user_attrs["stop_reason"] for t in study.trials] == ["max_epochs", "max_epochs", "asha_stop", "early_stop"]
+    assert [t.user_attrs["stop_reason"] for t in study.trials] == [
+        "max_epochs",
+        "max_epochs",
+        "asha_stop",
+        "early_stop",
+    ]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert study.best_trial.number == 0
