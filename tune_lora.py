@@ -3,7 +3,8 @@
     python tune_lora.py [--config PATH] [--resume | --overwrite] [--dry-run] [--address ADDR] [KEY=VALUE ...]
 
 parse -> load_config -> sweep.prepare -> [--dry-run: print the plan] -> sweep.run -> print the summary.
-Exit 0 on success, 2 (one line on stderr) on a user error.
+Exit 0 on success; one line on stderr and 2 for a user error (before any training), 130 for an interrupted sweep
+(Ctrl-C; continue it with --resume), 1 when every trial failed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from lorahpo import sweep
 from lorahpo.config import load_config
-from lorahpo.errors import UserError
+from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.results import print_summary
 
 
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130  # the shell's code for a Ctrl-C
+    except SweepFailed as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 

@@ -28,7 +28,7 @@ def machine() -> dict[str, Any]:
 
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **hardware(),
         "memory_gb": round(mem_gb, 1),
         "versions": versions(),

@@ -4,6 +4,8 @@ and --overwrite. Storage is checked by storage.py. Errors are `UserError`s: one 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 from typing import Any
@@ -14,7 +16,11 @@ from ray import tune
 
 from lorahpo.config import ExperimentConfig, config_diff, config_from_yaml
 from lorahpo.errors import UserError
-from lorahpo.storage import check_storage_shared, display, exists, experiment_dir, read_text
+from lorahpo.repro import git_state, versions
+from lorahpo.space import optuna_space
+from lorahpo.storage import SWEEP_MARKER, check_storage_shared, display, exists, experiment_dir, is_sweep, read_text
+
+log = logging.getLogger(__name__)
 
 
 def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
@@ -40,6 +46,27 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
         )
 
 
+def check_points(cfg: ExperimentConfig) -> None:
+    """Every `sweep.points_to_evaluate` entry is a full point of the search space with each value inside its
+    distribution: the searcher would reject anything else only after the sweep has started (or, out of range, run it
+    and fail at the end)."""
+    space = optuna_space(cfg)
+    for i, point in enumerate(cfg.sweep.points_to_evaluate):
+        where = f"sweep.points_to_evaluate[{i}]"
+        missing = [k for k in space if k not in point]
+        if missing:
+            raise UserError(f"{where} lacks {', '.join(missing)}; give a value for every key of the search space")
+        for key, value in point.items():
+            dist = space[key]
+            try:
+                inside = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                allowed = dist.choices if hasattr(dist, "choices") else f"[{dist.low}, {dist.high}]"
+                raise UserError(f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it")
+
+
 # Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may.
 RELOCATABLE = {"sweep.storage_path", "sweep.s3_endpoint"}
 
@@ -61,6 +88,36 @@ def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = Fals
             f"a sweep named {cfg.sweep.name!r} already exists at {where}; pass --resume to continue it, "
             "--overwrite to replace it, or choose a new sweep.name (earlier results are never deleted silently)"
         )
+    if exists(fs, path) and not is_sweep(fs, path):
+        raise UserError(
+            f"--overwrite: {where} exists but is not a lorahpo sweep (no {SWEEP_MARKER} marker, no lorahpo "
+            "config.yaml); it is never deleted: choose another sweep.name or sweep.storage_path"
+        )
+
+
+def check_same_data(stored_manifest: str | None, data_info: dict[str, Any], where: str) -> None:
+    """--resume: the data (file contents) and the split must be those the sweep started with, or its trials would mix
+    two datasets. A different code version is allowed but said."""
+    stored = json.loads(stored_manifest) if stored_manifest else {}
+    old = stored.get("data", {})
+    for key, what in (("sha256", "the data file"), ("split_sha256", "the split")):
+        if old.get(key) is not None and old.get(key) != data_info.get(key):
+            raise UserError(
+                f"--resume: {what} differs from the one the sweep at {where} started with ({key} {old[key][:12]} -> "
+                f"{data_info[key][:12]}); restore it, or start a new sweep.name for the new data"
+            )
+    then, now = stored.get("git", {}), git_state()
+    version = stored.get("versions", {}).get("lorahpo"), versions().get("lorahpo")
+    if (then.get("sha"), then.get("dirty")) != (now["sha"], now["dirty"]) or version[0] != version[1]:
+        log.warning(
+            "--resume with other code than the sweep started with (git %s%s -> %s%s, lorahpo %s -> %s): its trials "
+            "may not be comparable; manifest.json records both",
+            then.get("sha"),
+            " dirty" if then.get("dirty") else "",
+            now["sha"],
+            " dirty" if now["dirty"] else "",
+            *version,
+        )
 
 
 def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str) -> None:
@@ -78,7 +135,11 @@ def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str
 
 
 def cpu_has_bf16() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere torch emulates bf16, very slowly."""
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere torch emulates bf16, very slowly. LORAHPO_CPU_BF16=0|1
+    overrides the detection (tests force the emulated path with it)."""
+    forced = os.environ.get("LORAHPO_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -103,10 +164,10 @@ def check_dtype(cfg: ExperimentConfig, cpu_bf16: bool, cuda_bf16: list[bool]) ->
                 "model.dtype=float16 needs a GPU but sweep.gpus_per_trial=0; use model.dtype=float32 on CPU "
                 "(or bfloat16 on a CPU with native bf16)"
             )
-        if not cpu_bf16:
-            raise UserError(
-                "model.dtype=bfloat16 but trials run on CPU (sweep.gpus_per_trial=0) and this CPU has no native bf16 "
-                "(AVX512-BF16/AMX); set model.dtype=float32"
+        if not cpu_bf16:  # emulated: slow, not wrong
+            log.warning(
+                "model.dtype=bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX): torch emulates it, correctly but "
+                "slowly; model.dtype=float32 is faster here"
             )
     elif dtype == "bfloat16" and cuda_bf16 and not all(cuda_bf16):
         raise UserError(

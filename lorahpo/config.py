@@ -8,6 +8,7 @@ overrides (`{"train.lr": 3e-4, "lora.r": 8}`), so the CLI, Tune trials and re-ru
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -193,8 +194,11 @@ class SweepConfig:
             raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
         if self.max_failures < 0 or self.num_to_keep < 1:
             raise UserError("sweep.max_failures must be >= 0 and sweep.num_to_keep >= 1")
-        if not self.name or "/" in self.name:
-            raise UserError(f"sweep.name={self.name!r} must be a non-empty name without '/'")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):
+            raise UserError(
+                f"sweep.name={self.name!r} must be a plain name: letters, digits, '.', '_' or '-' (not '.' or '..'), "
+                "e.g. sweep.name=lora_sweep"
+            )
 
 
 @dataclass(frozen=True)
@@ -232,10 +236,31 @@ def tuning_metric(cfg: ExperimentConfig) -> str:
 # Loading, overrides, dumping
 
 
+# What a trial can change: its LoRA adapter and its training. The data are tokenized once per sweep, the base model is
+# shared, and the metric, its direction and max_epochs (ASHA's max_t) define the sweep itself.
+TUNABLE = (
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.last_n",
+    "lora.target_modules",
+    "train.lr",
+    "train.weight_decay",
+    "train.batch_size",
+    "train.warmup_ratio",
+    "train.class_weight",
+    "train.patience",
+)
+
+
 def _validate_spec(key: str, spec: ParamSpec) -> None:
-    tunable = [k for k in valid_keys(ExperimentConfig) if not k.startswith(("sweep.", "search")) and k != "seed"]
-    if key not in tunable:
-        raise unknown_key(f"search.{key}", tunable)
+    if key not in TUNABLE:
+        if key in valid_keys(ExperimentConfig):
+            raise UserError(
+                f"search.{key}: a trial cannot change {key} (it is fixed for the whole sweep); the search space may "
+                f"name {', '.join(TUNABLE)}"
+            )
+        raise unknown_key(f"search.{key}", list(TUNABLE))
     if spec.type == "categorical":
         if not spec.choices:
             raise UserError(f"search.{key}: categorical with an empty choice list; give at least one choice")

@@ -142,49 +142,88 @@ def label_map(labels: pd.Series, positive_label: str | None) -> list[str]:
         raise UserError(f"the labels hold only one class ({names}); a classifier needs at least two")
     if positive_label is not None:
         if str(positive_label) not in names:
-            raise UserError(f"data.positive_label={positive_label!r} is not among the labels {names}")
+            raise UserError(
+                f"data.positive_label={positive_label!r} is not among the labels {names}; set data.positive_label to "
+                "one of them (the class F-beta is reported for), or null (the second in sorted order)"
+            )
         if len(names) == 2:
             names = [n for n in names if n != str(positive_label)] + [str(positive_label)]
     return names
 
 
-def split_indices(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
-    """Stratified, seeded train/val/test row indices. With test=0 it is ONE train_test_split(test_size=val),
-    the predecessor's 70/30 setting."""
-    idx = np.arange(len(labels))
+def normalise(text: str) -> str:
+    """Two texts equal after this are the same example: case and whitespace never make a new one."""
+    return " ".join(text.lower().split())
+
+
+def split_indices(
+    labels: np.ndarray, texts: list[str], fractions: tuple[float, float, float], seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Stratified, seeded train/val/test row indices in which every copy of a text (after `normalise`) lands in the
+    same split: a duplicate across splits would let val and test reward memorisation. The split is drawn over the
+    distinct texts (stratified by the label of each text's first occurrence), then each text brings its copies. With
+    test=0 it is ONE train_test_split(test_size=val), the predecessor's 70/30 setting. Also returns duplicate counts."""
+    codes, uniques = pd.factorize(pd.Series([normalise(t) for t in texts]))
+    first = np.unique(codes, return_index=True)[1]  # row of each distinct text's first occurrence
+    group_labels = labels[first]
+    conflicts = int((pd.Series(labels).groupby(codes).nunique() > 1).sum())
+    stats = {
+        "distinct_texts": len(uniques),
+        "duplicate_rows": len(texts) - len(uniques),
+        "conflicting_labels": conflicts,
+    }
+    groups = np.arange(len(uniques))
     train_f, val_f, test_f = fractions
-    counts = np.bincount(labels)
+    counts = np.bincount(group_labels, minlength=labels.max() + 1)
     for name, frac in (("val", val_f), ("test", test_f)):
         if frac > 0 and counts.min() * frac < 1:
             raise UserError(
-                f"the smallest class has {counts.min()} examples: too few for a stratified {name} split of "
+                f"the smallest class has {counts.min()} distinct texts: too few for a stratified {name} split of "
                 f"{frac}; add data or raise data.split's {name} fraction"
             )
     try:
         if test_f > 0:
-            rest, test = train_test_split(idx, test_size=test_f, stratify=labels, random_state=seed)
+            rest, test = train_test_split(groups, test_size=test_f, stratify=group_labels, random_state=seed)
         else:
-            rest, test = idx, idx[:0]
+            rest, test = groups, groups[:0]
         train, val = train_test_split(
-            rest, test_size=val_f / (train_f + val_f), stratify=labels[rest], random_state=seed
+            rest, test_size=val_f / (train_f + val_f), stratify=group_labels[rest], random_state=seed
         )
     except ValueError as e:
         raise UserError(f"cannot split the data as data.split={list(fractions)}: {e}") from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    parts = {name: np.flatnonzero(np.isin(codes, g)) for name, g in (("train", train), ("val", val), ("test", test))}
+    return parts, stats
+
+
+def subsample(labels: pd.Series, n: int, seed: int) -> np.ndarray:
+    """Sorted positions of a stratified, seeded sample of n rows (a plain seeded sample where too few rows are left
+    out to stratify what is dropped)."""
+    try:
+        keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed)
+    except ValueError:
+        keep = np.random.default_rng(seed).choice(len(labels), size=n, replace=False)
+    return np.sort(keep)
 
 
 def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     """Read, label, split and tokenize; the single entry point trials and the sweep use."""
     df, digest = read_table(cfg)
     if cfg.max_examples is not None and cfg.max_examples < len(df):
-        keep, _ = train_test_split(
-            np.arange(len(df)), train_size=cfg.max_examples, stratify=df["label"].astype(str), random_state=seed
-        )
-        df = df.iloc[np.sort(keep)]
+        df = df.iloc[subsample(df["label"].astype(str), cfg.max_examples, seed)]
     names = label_map(df["label"], cfg.positive_label)
     index = {n: i for i, n in enumerate(names)}
     y = df["label"].map(lambda v: index[str(v)]).to_numpy()
-    parts = split_indices(y, cfg.split, seed)
+    parts, duplicates = split_indices(y, df["text"].tolist(), cfg.split, seed)
+    if duplicates["duplicate_rows"]:
+        log.warning(
+            "%d of %d texts repeat another one (ignoring case and whitespace); all copies of a text stay in one "
+            "split%s",
+            duplicates["duplicate_rows"],
+            len(df),
+            f"; {duplicates['conflicting_labels']} texts carry more than one label"
+            if duplicates["conflicting_labels"]
+            else "",
+        )
     rows = df.index.to_numpy()  # row numbers in the source file, so a reader can audit the split
 
     # One tokenizer call for the whole data; truncation is done here so it can be counted.
@@ -204,6 +243,7 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
         "class_counts": {names[k]: int(v) for k, v in enumerate(np.bincount(y))},
         "split_sizes": {n: len(s) for n, s in splits.items()},
         "split_sha256": hashlib.sha256(json.dumps(split_doc).encode()).hexdigest(),
+        "duplicates": duplicates,
         "truncated": truncated,
         "mean_tokens": float(np.mean([len(t) for t in ids])),
     }
@@ -224,18 +264,26 @@ def split_rows(data: TaskData) -> dict[str, list[int]]:
 
 class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
     """Batches of similar length: pads cost compute, and SMS lengths vary 10x. Shuffled per epoch with a generator
-    seeded by (seed, epoch), so a trial resumed at epoch k sees exactly the batches an uninterrupted one would."""
+    seeded by (seed, epoch), so a trial resumed at epoch k sees exactly the batches an uninterrupted one would.
+
+    Lightning calls `set_epoch` on a DataLoader's sampler, never on its batch sampler: the training module tells this
+    one the epoch itself (module.LoraClassifier.on_train_epoch_start). Lightning may create the epoch's iterator
+    before that hook runs (first epoch of a run, a resumed epoch), so the order is drawn lazily, at the first batch."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True, group: int = 50):
         self.lengths, self.batch_size, self.seed, self.shuffle, self.group = lengths, batch_size, seed, shuffle, group
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)  # a generator: runs at the first next(), after the epoch hook
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch, in order."""
         order = list(range(len(self.lengths)))
-        rng = random.Random(epoch_seed(self.seed, self.epoch))
+        rng = random.Random(epoch_seed(self.seed, epoch))
         if self.shuffle:
             rng.shuffle(order)
         # Sort within windows of `group` batches: nearly as little padding as a global sort, still random.
@@ -246,7 +294,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
-        return iter(batches)
+        return batches
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size

@@ -77,7 +77,11 @@ class LoraClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.train_loss.reset()
-        # Dropout draws from the global RNG: reseed per epoch so a resumed trial replays the epoch exactly.
+        # Per-epoch randomness, seeded by (seed, epoch) so a resumed trial replays the epoch exactly: the batch order
+        # (Lightning never tells a batch sampler the epoch) and dropout (it draws from the global RNG).
+        batches = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(self.current_epoch)
         torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ def hardware() -> dict[str, Any]:
 def manifest(cfg: ExperimentConfig, data_info: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Provenance of a run, written before training starts."""
     return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": to_dict(cfg),
         "seed": cfg.seed,
         "data": data_info,

@@ -8,6 +8,8 @@ import io
 import json
 import math
 import pickle
+import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,30 @@ def load_experiment(path: str, s3_endpoint: str | None = None) -> tuple[ResultGr
     if parquet is not None:
         return grid, pd.read_parquet(io.BytesIO(parquet))
     cfg = config_from_yaml(read_text(fs, f"{inner}/config.yaml") or "")  # written by the driver before any trial
-    return grid, trials_frame(grid, cfg)
+    return grid, trials_frame(grid, cfg, unfinished_trials(grid))
+
+
+def read_tables(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """A finished sweep without unpickling anything (safe on storage others can write): {"trials": results.parquet,
+    "epochs": every trial's metrics.csv in one table with a trial_id column, "study": the Optuna journal}.
+    `load_experiment` and optuna_res.pkl unpickle (Ray's experiment state, the study): use them on trusted storage."""
+    inner, fs = filesystem(path, s3_endpoint)
+    parquet = read_bytes(fs, f"{inner}/results.parquet")
+    if parquet is None:
+        raise FileNotFoundError(f"{path}/results.parquet: not a finished sweep (load_experiment reads unfinished ones)")
+    trials = pd.read_parquet(io.BytesIO(parquet))
+    epochs = [
+        pd.read_csv(io.BytesIO(read_bytes(fs, f"{inner}/trials/{t}/metrics.csv") or b"epoch\n")).assign(trial_id=t)
+        for t in trials["trial_id"]
+    ]
+    with tempfile.TemporaryDirectory() as tmp:  # the journal reader wants a local file; the study is read into memory
+        Path(tmp, "journal.log").write_bytes(read_bytes(fs, f"{inner}/optuna_journal.log") or b"")
+        journal = JournalStorage(JournalFileBackend(str(Path(tmp, "journal.log"))))
+        name = optuna.study.get_all_study_names(journal)[0]
+        memory = optuna.storages.InMemoryStorage()
+        optuna.copy_study(from_study_name=name, from_storage=journal, to_storage=memory)
+        study = optuna.load_study(study_name=name, storage=memory)
+    return {"trials": trials, "epochs": pd.concat(epochs, ignore_index=True), "study": study}
 
 
 def load_journal(path: str | Path) -> optuna.Study:
@@ -68,9 +93,23 @@ def history(result: tune.Result) -> pd.DataFrame:
     return df if df is not None else pd.DataFrame()
 
 
-def stop_reason(cfg: ExperimentConfig, result: tune.Result, epochs: int) -> str:
+def unfinished_trials(grid: ResultGrid) -> set[str]:
+    """Trials of an interrupted sweep that had not ended (pending, running or paused when it stopped)."""
+    trials = grid._experiment_analysis.trials  # the statuses Tune recorded; a Result carries none
+    return {Path(t.path).name for t in trials if t.status not in ("TERMINATED", "ERROR")}
+
+
+def error_line(error: BaseException) -> str:
+    """The line that says what went wrong: the exception at the end of a trial's (Ray-wrapped, coloured) traceback."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def stop_reason(cfg: ExperimentConfig, result: tune.Result, epochs: int, unfinished: bool = False) -> str:
     if result.error is not None:
         return "error"
+    if unfinished:
+        return "unfinished"
     if (result.metrics or {}).get("early_stopped"):
         return "early_stop"
     if epochs >= cfg.train.max_epochs:
@@ -78,9 +117,11 @@ def stop_reason(cfg: ExperimentConfig, result: tune.Result, epochs: int) -> str:
     return "asha_stop" if cfg.sweep.scheduler == "asha" else "incomplete"
 
 
-def trials_frame(results: Iterable[tune.Result], cfg: ExperimentConfig) -> pd.DataFrame:
+def trials_frame(
+    results: Iterable[tune.Result], cfg: ExperimentConfig, unfinished: set[str] = frozenset()
+) -> pd.DataFrame:
     """One row per trial: params, the tuning metric, val metrics at the best and at the last epoch, epochs, stop
-    reason, wall time, best checkpoint path."""
+    reason, wall time, best checkpoint path. `unfinished`: trials an interrupted sweep had not ended."""
     metric = tuning_metric(cfg)
     rows = []
     for r in ordered(results):
@@ -98,22 +139,23 @@ def trials_frame(results: Iterable[tune.Result], cfg: ExperimentConfig) -> pd.Da
                 **{f"best_epoch_{k}": at_best.get(k, math.nan) for k in VAL_METRICS},
                 **{f"last_{k}": m.get(k, math.nan) for k in VAL_METRICS},
                 "epochs": epochs,
-                "stop_reason": stop_reason(cfg, r, epochs),
+                "stop_reason": stop_reason(cfg, r, epochs, trial_id(r) in unfinished),
                 "wall_time_s": m.get("time_total_s", math.nan),
                 "trainable_params": m.get("trainable_params"),
                 "checkpoint": best.path if best is not None else None,
                 "trial_path": r.path,
-                "error": str(r.error).splitlines()[0] if r.error is not None else None,
+                "error": error_line(r.error) if r.error is not None else None,
             }
         )
     return pd.DataFrame(rows)
 
 
-def best_row(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.Series:
-    """The best trial: highest (or lowest) tuning metric; ties go to the earlier trial (as Optuna's best_trial)."""
+def best_row(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.Series | None:
+    """The best trial: highest (or lowest) tuning metric; ties go to the earlier trial (as Optuna's best_trial).
+    None when no trial reported a metric (every trial failed)."""
     ok = df[df[tuning_metric(cfg)].notna()]
     if ok.empty:
-        raise RuntimeError("no trial reported a metric; see the trials' error.txt files")
+        return None
     return ok.sort_values(tuning_metric(cfg), ascending=cfg.train.mode == "min", kind="stable").iloc[0]
 
 
@@ -187,7 +229,7 @@ def write_journal(study: optuna.Study, path: Path) -> None:
 
 
 def make_summary(
-    cfg: ExperimentConfig, df: pd.DataFrame, best: pd.Series, test: dict[str, float], test_size: int, where: str
+    cfg: ExperimentConfig, df: pd.DataFrame, best: pd.Series | None, test: dict[str, float], test_size: int, where: str
 ) -> dict[str, Any]:
     """summary.json: the best trial and params, its one test-split score, how the trials ended."""
     metric = tuning_metric(cfg)
@@ -197,10 +239,10 @@ def make_summary(
         "num_trials": len(df),
         "stop_reasons": df["stop_reason"].value_counts().to_dict(),
         "trial_epochs": int(df["epochs"].sum()),
-        "best_trial": best["trial_id"],
-        "best_params": row_params(best),
-        "best_value": float(best[metric]),
-        "best_epoch": plain(best["best_epoch"]),
+        "best_trial": None if best is None else best["trial_id"],
+        "best_params": {} if best is None else row_params(best),
+        "best_value": None if best is None else float(best[metric]),
+        "best_epoch": None if best is None else plain(best["best_epoch"]),
         "test": {f"test_{k}": v for k, v in test.items()},
         "test_size": test_size,
     }
@@ -216,6 +258,8 @@ def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
         f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in s["best_params"].items()
     )
     test = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in s["test"].items()) or "no test split"
+    if s["best_trial"] is None:
+        return f"# Sweep `{cfg.sweep.name}`\n\n- {s['num_trials']} trials, every one failed: see results.parquet\n"
     return (
         f"# Sweep `{cfg.sweep.name}`\n\n"
         f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"

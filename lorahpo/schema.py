@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -77,13 +78,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # YAML reads `1e-4` (no dot) as a string
+            number = float(value)  # YAML reads `1e-4` (no dot) as a string
         except (TypeError, ValueError):
             raise UserError(f"{key}={value!r} must be a number") from None
+        return _finite(number, key)
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):  # `KEY=` gives None: not the string "None"
             raise UserError(f"{key}={value!r} must be a string")
         return str(value)
+    if tp is Any:
+        return _finite(value, key)
     if origin is dict:
         value = {} if value is None else value
         if not isinstance(value, dict):
@@ -94,7 +98,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 if not isinstance(v, dict):
                     raise UserError(f"{key}.{k} must be a mapping of {', '.join(valid_keys(inner))}")
             return {k: build(inner, v, f"{key}.{k}.") for k, v in value.items()}
-        return dict(value)
+        return _finite(dict(value), key)
+    return value
+
+
+def _finite(value: Any, key: str) -> Any:
+    """`value` unchanged, unless it holds a NaN or an infinity (at any depth): those are never a setting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}: {value!r} is not a finite number; give a real value")
+    for inner in value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ():
+        _finite(inner, key)
     return value
 
 

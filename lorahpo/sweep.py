@@ -1,16 +1,21 @@
 """The story of a run, top to bottom.
 
-prepare   check everything that can be checked before training (storage, experiment, resources, dtype, model),
-          read + split + tokenize the data once, and plan the sweep (what --dry-run prints)
-run       start (or join) Ray, check the cluster, write provenance, run the Tune sweep (new or resumed)
-finalise  tables and study, the best trial's checkpoint scored ONCE on the untouched test split, best/ exported,
-          summary and plots: everything staged locally, then copied to storage
+prepare   check everything that can be checked before training (the config's points, storage, experiment,
+          resources, dtype, model), read + split + tokenize the data once (on --resume: the same data as before),
+          and plan the sweep (what --dry-run prints)
+run       start (or join) Ray, check the cluster, claim the experiment directory, write provenance, run the Tune
+          sweep (new or resumed); an interrupted sweep stops here, its state kept for --resume
+finalise  tables and study; for the best trial, on a worker with a trial's resources: its checkpoint scored
+          ONCE on the untouched test split and exported as best/; summary and plots; staged, then copied to storage
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,29 +28,40 @@ from lorahpo.checks import (
     check_dtype,
     check_experiment,
     check_model_fit,
+    check_points,
     check_resources,
+    check_same_data,
     cpu_has_bf16,
     cuda_bf16,
     local_nodes,
 )
 from lorahpo.config import ExperimentConfig, config_yaml, to_dict
 from lorahpo.data import TaskData, load_task, split_rows
-from lorahpo.module import evaluate
+from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.plots import write_plots
-from lorahpo.repro import manifest
-from lorahpo.results import best_checkpoint, best_row, make_summary, row_config, write_summary, write_tables
+from lorahpo.repro import git_state, hardware, manifest, versions
+from lorahpo.results import (
+    best_checkpoint,
+    best_row,
+    make_summary,
+    row_config,
+    write_summary,
+    write_tables,
+)
 from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.storage import (
     check_storage,
+    claim,
     display,
     exists,
     experiment_dir,
     location,
+    read_text,
     storage_failure,
     upload,
     upload_dir,
 )
-from lorahpo.trainable import CKPT_NAME, export_best, load_trained, use_gpu
+from lorahpo.trainable import score_and_export
 from lorahpo.tuner import describe, make_tuner, restore_tuner
 
 log = logging.getLogger(__name__)
@@ -61,7 +77,8 @@ def prepare(
     """Validate everything and tokenize the data once; return the data and the plan (--dry-run prints it).
     Without `address` the sweep starts its own Ray on this machine, whose resources can be checked now; a dry run
     with `address` asks the cluster."""
-    check_storage(cfg)  # first: everything after it reads the storage path
+    check_points(cfg)
+    check_storage(cfg)  # first of the storage checks: everything after it reads the storage path
     check_experiment(cfg, resume, overwrite)
     if address is None:
         check_resources(cfg, local_nodes())
@@ -74,6 +91,9 @@ def prepare(
     check_dtype(cfg, cpu_has_bf16(), cuda_bf16())
     check_model_fit(cfg, load_model_config(cfg.model))
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    if resume:
+        exp, fs = experiment_dir(cfg)
+        check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
     plan = {"config": to_dict(cfg), **describe(cfg), "data": data.info, "resume": resume, "overwrite": overwrite}
     return data, plan
 
@@ -87,25 +107,33 @@ def run(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep on a local or existing Ray cluster, then finalise it; returns the summary."""
-    meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
     exp, fs = experiment_dir(cfg)
     # "local" starts a fresh local Ray even if a stale one from a killed run is still up (plain init would join it).
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
-        if overwrite and exists(fs, exp):
-            log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
-            fs.delete_dir(exp)
-        if not resume:  # provenance before any training; the config is what --resume and load_experiment read back
-            provenance = {
-                "config.yaml": config_yaml(cfg),
-                "manifest.json": json.dumps(meta, indent=2, default=str),
-                "split.json": json.dumps(split_rows(data)),
-            }
-            upload(provenance, exp, fs)
-        tuner = restore_tuner(cfg, data) if resume else make_tuner(cfg, data)
+        if resume:
+            meta = json.loads(read_text(fs, f"{exp}/manifest.json") or "{}")
+            meta.setdefault("resumes", []).append(
+                {"at": _now(), "git": git_state(), "versions": versions(), "hardware": hardware()}
+            )
+            upload({"manifest.json": json.dumps(meta, indent=2, default=str)}, exp, fs)
+            tuner = restore_tuner(cfg, data)
+        else:
+            meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
+            tuner = start(cfg, data, meta, overwrite)
         try:
-            return finalise(cfg, tuner.fit(), data, meta)
+            grid = tuner.fit()
+            unfinished = cfg.sweep.num_samples - grid.num_terminated - grid.num_errors
+            if unfinished > 0:
+                raise Interrupted(
+                    f"the sweep at {display(cfg, experiment=True)} stopped with {unfinished} of "
+                    f"{cfg.sweep.num_samples} trials unfinished; no results were written: run the same command with "
+                    "--resume to continue it"
+                )
+            return finalise(cfg, grid, data, meta)
+        except (Interrupted, SweepFailed):
+            raise
         except Exception:  # StorageWatch's error (Tune wraps it), or storage gone while results are written
             error = storage_failure(cfg)
             if error is None:
@@ -115,22 +143,67 @@ def run(
         ray.shutdown()
 
 
+def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool) -> Any:
+    """A new sweep's directory: claimed (two drivers never share one), its Tuner built, then provenance written
+    before any training. A failure here removes what this driver created, so no half-made sweep is left behind."""
+    exp, fs = experiment_dir(cfg)
+    if overwrite and exists(fs, exp):  # checks.check_experiment made sure it is a lorahpo sweep
+        log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
+        fs.delete_dir(exp)
+    owner = json.dumps(
+        {"name": cfg.sweep.name, "created": meta["created"], "host": socket.gethostname(), "pid": os.getpid()}
+    )
+    if not claim(fs, exp, owner):
+        raise UserError(
+            f"another driver started a sweep named {cfg.sweep.name!r} at {display(cfg, experiment=True)} at the "
+            "same time; let it run (or --resume it later), or choose a new sweep.name"
+        )
+    try:
+        tuner = make_tuner(cfg, data)
+        provenance = {
+            "config.yaml": config_yaml(cfg),
+            "manifest.json": json.dumps(meta, indent=2, default=str),
+            "split.json": json.dumps(split_rows(data)),
+        }
+        upload(provenance, exp, fs)
+    except BaseException:
+        fs.delete_dir(exp)
+        raise
+    return tuner
+
+
 def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict[str, Any]) -> dict[str, Any]:
     """Every output of a finished sweep, into the experiment directory (local or S3); returns the summary."""
     exp, fs = experiment_dir(cfg)
+    where = location(cfg, experiment=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         df, study = write_tables(cfg, grid, out)
         best = best_row(df, cfg)
+        if best is None:  # every trial failed: the tables (with each trial's error) are the result
+            summary = make_summary(cfg, df, None, {}, len(data.test), where)
+            write_summary(summary, cfg, out)
+            upload_dir(out, exp, fs)
+            raise SweepFailed(
+                f"every trial of the sweep failed (first error: {df['error'].dropna().iloc[0]}); each trial's error is "
+                f"in {where}/results.parquet"
+            )
         best_cfg = row_config(cfg, best)
-        with best_checkpoint(grid, best["trial_id"], cfg).as_directory() as d:
-            module = load_trained(best_cfg, data, Path(d) / CKPT_NAME)
-        export_best(module, best_cfg, data, out / "best")
-        # the test split: scored once, here, for the chosen trial only
-        test = evaluate(module, data.test, best_cfg, data.tokenizer, use_gpu(cfg)) if len(data.test) else {}
-        summary = make_summary(cfg, df, best, test, len(data.test), location(cfg, experiment=True))
+        # On a worker with a trial's resources: the trial's device and precision, also where the driver has no GPU.
+        task = ray.remote(score_and_export).options(
+            num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
+        )
+        ckpt = best_checkpoint(grid, best["trial_id"], cfg)
+        scored = ray.get(task.remote(best_cfg, data, ckpt, f"{exp}/best", fs))
+        summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
+        summary["best_export"] = scored["format"]
+        summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
         write_summary(summary, cfg, out)
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)
     return summary
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -8,9 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import csv
+import gc
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pyarrow.fs
 import ray
 import torch
 import transformers
@@ -33,9 +38,10 @@ from lorahpo.config import ExperimentConfig, apply_overrides, dump_config, load_
 from lorahpo.data import TaskData, load_task, make_loader, split_rows
 from lorahpo.errors import UserError
 from lorahpo.model import build_classifier, trainable_parameters
-from lorahpo.module import LoraClassifier, class_weights, make_trainer
+from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer
 from lorahpo.repro import manifest, seed_everything_everywhere
-from lorahpo.sources import load_model_config, load_tokenizer
+from lorahpo.sources import load_model_config, load_tokenizer, on_hub
+from lorahpo.storage import upload_dir
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "trial.ckpt"
@@ -73,6 +79,9 @@ class EpochReporter(L.Callback):
         epoch = trainer.current_epoch + 1  # epochs completed, 1-based: ASHA's time axis
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
         row["train_loss"] = module.train_loss_epoch()
+        diverged = sorted(k for k, v in row.items() if not math.isfinite(v))
+        if diverged:  # a failed trial, not a running best that stays NaN
+            raise FloatingPointError(f"{', '.join(diverged)} not finite at epoch {epoch}: training diverged")
         value = row[name]
         if self.best is None or (value > self.best if mode == "max" else value < self.best):
             self.best, self.best_epoch = value, epoch
@@ -134,14 +143,15 @@ def fit(
     module.train()  # from_pretrained leaves the model in eval mode, and Lightning keeps it: dropout would be off
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|strict_loading).*")
-        trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume_from) if resume_from else None)
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     return module
 
 
 def load_trained(cfg: ExperimentConfig, data: TaskData, ckpt: Path) -> LoraClassifier:
     """Base model + the adapter and head weights of a checkpoint."""
     module = build_module(cfg, data)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    # weights_only: a checkpoint on shared storage must not be able to run code in whoever loads it
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     missing = set(state) - set(module.state_dict())
     if missing:
         raise RuntimeError(f"checkpoint {ckpt} holds tensors this model lacks: {sorted(missing)[:3]}")
@@ -149,13 +159,72 @@ def load_trained(cfg: ExperimentConfig, data: TaskData, ckpt: Path) -> LoraClass
     return module.eval()
 
 
-def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, out: Path) -> None:
-    """Adapter + head (peft format), tokenizer, label map and a re-runnable config."""
+def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, out: Path) -> str:
+    """A `best/` that loads anywhere with the standard loaders and gives the trial's predictions; returns its format.
+
+    - A full hub base (`model.num_layers` null): the adapter + head in peft format, naming the hub id and revision, so
+      `AutoPeftModelForSequenceClassification.from_pretrained(best, num_labels=..., pad_token_id=...)` rebuilds it.
+    - Anything else (the built-in SmolLM2, a local directory, a truncated base): no other machine can rebuild that
+      base, so best/ is the merged model (`AutoModelForSequenceClassification.from_pretrained(best)`), with the
+      adapter kept in best/adapter/ for peft users. This merges `module` in place: evaluate before exporting.
+    Both carry the tokenizer (truncating at `data.max_length`, as in training), labels.json and best_config.yaml."""
     out.mkdir(parents=True, exist_ok=True)
-    module.model.save_pretrained(out)
-    data.tokenizer.save_pretrained(out)
-    (out / "labels.json").write_text(json.dumps({"label_names": data.label_names}, indent=2))
+    model = module.model
+    if on_hub(cfg.model) and cfg.model.num_layers is None:
+        model.peft_config["default"].base_model_name_or_path = cfg.model.name
+        model.peft_config["default"].revision = cfg.model.revision
+        model.save_pretrained(out)
+        kind = "adapter"
+    else:
+        model.save_pretrained(out / "adapter")
+        merged = model.merge_and_unload()
+        config = copy.deepcopy(merged.config)
+        # A GGUF-converted base still names its quantization in its config, and save_pretrained refuses a model loaded
+        # with it: a fresh model of the same class from the cleaned config takes the merged weights (strictly).
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.id2label = dict(enumerate(data.label_names))
+        config.label2id = {name: i for i, name in enumerate(data.label_names)}
+        config.pad_token_id = data.tokenizer.pad_token_id  # Llama pools the last non-pad token
+        with torch.device("meta"):
+            portable = type(merged)(config)
+        portable.load_state_dict(merged.state_dict(), strict=True, assign=True)
+        portable.save_pretrained(out)
+        kind = "merged"
+    tokenizer = copy.deepcopy(data.tokenizer)
+    tokenizer.model_max_length = cfg.data.max_length  # `tokenizer(texts, truncation=True)` cuts where training did
+    tokenizer.save_pretrained(out)
+    (out / "labels.json").write_text(json.dumps({"label_names": data.label_names, "format": kind}, indent=2))
     dump_config(cfg, out / "best_config.yaml")
+    return kind
+
+
+def score_and_export(
+    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, dest: str, fs: pyarrow.fs.FileSystem
+) -> dict[str, Any]:
+    """The end of a sweep, for its best trial (run where a trial runs: same precision, same device, same threads):
+    reload the best epoch's checkpoint, score val (a check: it must reproduce the recorded epoch) and the untouched
+    test split ONCE, export best/ into `dest` on the sweep's storage. Returns the scores and best/'s format."""
+    quiet_logs()
+    torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
+    gpu = use_gpu(cfg)
+    with checkpoint.as_directory() as d:
+        module = load_trained(cfg, data, Path(d) / CKPT_NAME)
+    val = evaluate(module, data.val, cfg, data.tokenizer, gpu)
+    test = evaluate(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        kind = export_best(module.cpu(), cfg, data, Path(tmp))
+        upload_dir(Path(tmp), dest, fs)
+    free_memory()
+    return {"val": val, "test": test, "format": kind}
+
+
+def free_memory() -> None:
+    """Give a trial's memory back before the next one (reused workers, fractional GPUs): drop the cycles that still
+    hold tensors, then the CUDA cache (empty_cache alone frees nothing a live object still references)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def use_gpu(cfg: ExperimentConfig) -> bool:
@@ -191,8 +260,7 @@ def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -
             with ckpt.as_directory() as d:
                 fit(cfg, data, report, Path(d) / CKPT_NAME, trial_threads(base), gpu, tags)
     finally:
-        if torch.cuda.is_available():  # fractional GPUs: the next trial on this GPU needs the memory
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +272,8 @@ def run_single(cfg: ExperimentConfig, out: Path, data: TaskData | None = None) -
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new --out (earlier results are kept)")
-    check_model_fit(cfg, load_model_config(cfg.model))
+    one = dataclasses.replace(cfg, search={}, sweep=dataclasses.replace(cfg.sweep, points_to_evaluate=()))
+    check_model_fit(one, load_model_config(cfg.model))  # one trial: its own values, not the search space's
     out.mkdir(parents=True, exist_ok=True)
     data = data or load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
     (out / "split.json").write_text(json.dumps(split_rows(data)))
@@ -224,7 +293,7 @@ def run_single(cfg: ExperimentConfig, out: Path, data: TaskData | None = None) -
             w.writerows(rows)
 
     start = time.perf_counter()
-    module = fit(cfg, data, report, gpu=use_gpu(cfg))
+    module = fit(cfg, data, report, num_threads=trial_threads(cfg), gpu=use_gpu(cfg))  # as a trial of a sweep
     meta["trainable_params"] = trainable_parameters(module.model)
     meta["wall_time_s"] = time.perf_counter() - start
     (out / "manifest.json").write_text(json.dumps(meta, indent=2))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lorahpo.config import ExperimentConfig, apply_overrides, load_config
-from lorahpo.data import TaskData, load_task
+from lorahpo.data import BUNDLED_PATH, TaskData, load_task
 from lorahpo.sources import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +103,21 @@ def cli_background(args: list[str], log: Path, env: dict[str, str] | None = None
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+def load_best(best: Path, split_json: Path, tmp_path: Path) -> dict[str, float]:
+    """Val metrics of `best/` through the standard transformers loader, in a fresh process whose lorahpo cache is
+    empty (as on another machine)."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "load_best.py"), str(best), str(split_json), str(BUNDLED_PATH)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "LORAHPO_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def tiny_args(storage: Path, **overrides: object) -> list[str]:

@@ -28,9 +28,11 @@ def test_bundled_data_verified_and_counted() -> None:
 
 def test_split_stratified_and_seeded() -> None:
     y = np.array([0] * 900 + [1] * 100)
-    a = split_indices(y, (0.7, 0.15, 0.15), seed=1)
-    b = split_indices(y, (0.7, 0.15, 0.15), seed=1)
-    c = split_indices(y, (0.7, 0.15, 0.15), seed=2)
+    texts = [f"text {i}" for i in range(1000)]
+    a, stats = split_indices(y, texts, (0.7, 0.15, 0.15), seed=1)
+    b, _ = split_indices(y, texts, (0.7, 0.15, 0.15), seed=1)
+    c, _ = split_indices(y, texts, (0.7, 0.15, 0.15), seed=2)
+    assert stats == {"distinct_texts": 1000, "duplicate_rows": 0, "conflicting_labels": 0}
     assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
     assert a["val"].tolist() != c["val"].tolist()
     assert [len(a[k]) for k in ("train", "val", "test")] == [700, 150, 150]
@@ -43,7 +45,7 @@ def test_70_30_split_is_the_predecessors_single_train_test_split() -> None:
     from sklearn.model_selection import train_test_split
 
     y = np.array([0] * 80 + [1] * 20)
-    ours = split_indices(y, (0.7, 0.3, 0.0), seed=42)
+    ours, _ = split_indices(y, [f"t{i}" for i in range(100)], (0.7, 0.3, 0.0), seed=42)
     train, val = train_test_split(np.arange(100), test_size=0.3, stratify=y, random_state=42)
     assert ours["train"].tolist() == sorted(train.tolist())
     assert ours["val"].tolist() == sorted(val.tolist())
@@ -52,7 +54,7 @@ def test_70_30_split_is_the_predecessors_single_train_test_split() -> None:
 
 def test_split_hash_and_rows_recorded(tiny_data: TaskData) -> None:
     info = tiny_data.info
-    assert info["split_sizes"] == {"train": 279, "val": 61, "test": 60}  # sklearn rounds val up
+    assert info["split_sizes"] == {"train": 281, "val": 59, "test": 60}  # by distinct text; copies follow theirs
     assert len(info["split_sha256"]) == 64
     rows = tiny_data.train.rows + tiny_data.val.rows + tiny_data.test.rows
     assert len(set(rows)) == 400
@@ -92,7 +94,40 @@ def test_multiclass(tmp_path: Path, tiny_data: TaskData) -> None:
     df.to_csv(tmp_path / "m.csv", index=False)
     data = load_task(DataConfig(path=str(tmp_path / "m.csv")), tiny_data.tokenizer, seed=0)
     assert data.label_names == ["a", "b", "c"] and data.num_labels == 3
-    assert sorted(np.bincount(data.test.labels).tolist()) == [4, 4, 5] or len(data.test) == 14
+    assert np.bincount(data.test.labels).tolist() == [5, 5, 4]  # 14 of 90 (sklearn rounds up), stratified
+    assert np.bincount(data.val.labels).tolist() == [5, 4, 5]
+
+
+def split_texts(data: TaskData, texts: list[str]) -> dict[str, set[str]]:
+    """Normalised texts of each split, from its source-file rows (what split.json records)."""
+    norm = [" ".join(t.lower().split()) for t in texts]
+    return {n: {norm[r] for r in getattr(data, n).rows} for n in ("train", "val", "test")}
+
+
+def test_bundled_duplicates_never_straddle_splits(tiny_data: TaskData) -> None:
+    data = load_task(DataConfig(), tiny_data.tokenizer, seed=42)  # all 4,862 messages
+    texts = read_table(DataConfig())[0]["text"].tolist()
+    by_split = split_texts(data, texts)
+    assert by_split["train"] & by_split["val"] == set()
+    assert by_split["train"] & by_split["test"] == set()
+    assert by_split["val"] & by_split["test"] == set()
+    dup = data.info["duplicates"]
+    assert dup["distinct_texts"] + dup["duplicate_rows"] == 4862
+    assert dup["duplicate_rows"] == 4862 - len({" ".join(t.lower().split()) for t in texts})
+    assert sum(data.info["split_sizes"].values()) == 4862
+
+
+def test_user_file_duplicates_grouped_by_normalised_text(tmp_path: Path, tiny_data: TaskData) -> None:
+    texts = [f"message {i} " + ("win cash" if i % 4 == 0 else "see you") for i in range(80)]
+    texts += ["WIN  cash now", "win cash NOW ", " win cash now"] * 5  # 15 copies of one text, case/space varied
+    labels = ["spam" if i % 4 == 0 else "ham" for i in range(80)] + ["spam"] * 15
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    data = load_task(DataConfig(path=str(path), positive_label="spam"), tiny_data.tokenizer, seed=3)
+    by_split = split_texts(data, texts)
+    homes = [n for n, group in by_split.items() if "win cash now" in group]
+    assert len(homes) == 1 and len(set(getattr(data, homes[0]).rows) & set(range(80, 95))) == 15
+    assert data.info["duplicates"] == {"distinct_texts": 81, "duplicate_rows": 14, "conflicting_labels": 0}
 
 
 def test_truncation_counted(tiny_data: TaskData) -> None:

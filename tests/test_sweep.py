@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -11,19 +12,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from peft import PeftModel
 
 from lorahpo.config import load_config, to_dict
-from lorahpo.data import load_task
-from lorahpo.model import build_base
-from lorahpo.results import load_experiment, load_journal
+from lorahpo.data import BUNDLED_PATH, load_task
+from lorahpo.results import load_experiment, load_journal, read_tables
 from lorahpo.sources import load_tokenizer
 from lorahpo.trainable import fit
 
-from .conftest import cli, cli_background, snapshot_trials, tiny_args, tiny_config, wait_for
+from .conftest import cli, cli_background, load_best, snapshot_trials, tiny_args, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
-VAL = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_fbeta"]
+VAL = ["val_loss", "val_accuracy", "val_f1", "val_fbeta"]
+EPOCH = ["epoch", "train_loss", *VAL]
 OUTPUTS = [
     "results.parquet",
     "optuna_res.pkl",
@@ -33,8 +33,10 @@ OUTPUTS = [
     "manifest.json",
     "config.yaml",
     "split.json",
-    "best/adapter_model.safetensors",
-    "best/adapter_config.json",
+    "best/model.safetensors",
+    "best/config.json",
+    "best/adapter/adapter_model.safetensors",
+    "best/adapter/adapter_config.json",
     "best/best_config.yaml",
     "best/tokenizer.json",
     "best/labels.json",
@@ -127,9 +129,23 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
 
     cfg = load_config(exp / "best" / "best_config.yaml")
     assert cfg.train.class_weight == pytest.approx(best["param.train.class_weight"])
-    tok = load_tokenizer(cfg.model)
-    model = PeftModel.from_pretrained(build_base(cfg.model, 2, tok.pad_token_id), exp / "best")
-    assert model.peft_config["default"].r == best["param.lora.r"]
+    assert json.loads((exp / "best" / "adapter" / "adapter_config.json").read_text())["r"] == best["param.lora.r"]
+    # the reloaded best checkpoint reproduces its epoch's val metrics (float32 as recorded), and so does best/ through
+    # the standard transformers loader in a process whose lorahpo cache is empty, as on another machine
+    recorded = {k: best[f"best_epoch_{k}"] for k in VAL}
+    assert summary["best_val_rescored"] == pytest.approx(recorded, abs=1e-6)
+    portable = load_best(exp / "best", exp / "split.json", tmp_path)
+    for k in ("accuracy", "f1", "fbeta"):
+        assert portable[k] == pytest.approx(best[f"best_epoch_val_{k}"], abs=1e-6), k
+    assert portable["loss"] == pytest.approx(best["best_epoch_val_loss"], abs=1e-4)
+    assert not (exp / "best" / "adapter_config.json").exists()
+
+    # the pickle-free reader gives the same tables and study
+    tables = read_tables(str(exp))
+    pd.testing.assert_frame_equal(tables["trials"], df)
+    assert sorted(tables["epochs"]["trial_id"].unique()) == sorted(df["trial_id"])
+    assert len(tables["epochs"]) == int(df["epochs"].sum())
+    assert [t.params for t in tables["study"].trials] == [t.params for t in study.trials]
 
 
 def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
@@ -148,7 +164,7 @@ def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
         )
         assert run.returncode == 0, run.stderr[-3000:]
         df = pd.read_parquet(tmp_path / name / "results.parquet")
-        curves = [pd.read_csv(tmp_path / name / "trials" / t / "metrics.csv")[VAL] for t in df["trial_id"]]
+        curves = [pd.read_csv(tmp_path / name / "trials" / t / "metrics.csv")[EPOCH] for t in df["trial_id"]]
         return df, curves
 
     a, ca = sweep("a", 42)
@@ -243,8 +259,8 @@ def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, proc
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
     rows: list[dict] = []
     fit(cfg, data, lambda r, d: rows.append(r), num_threads=int(cfg.sweep.cpus_per_trial))
-    uninterrupted = pd.DataFrame(rows)[VAL]
-    pd.testing.assert_frame_equal(hist[VAL].reset_index(drop=True), uninterrupted, check_exact=True)
+    uninterrupted = pd.DataFrame(rows)[EPOCH]
+    pd.testing.assert_frame_equal(hist[EPOCH].reset_index(drop=True), uninterrupted, check_exact=True)
 
 
 def test_dry_run_trains_nothing(tmp_path: Path) -> None:
@@ -253,3 +269,100 @@ def test_dry_run_trains_nothing(tmp_path: Path) -> None:
     assert "5 trials x up to 3 epochs = at most 15 trial-epochs" in run.stdout
     assert "search_space:" in run.stdout and "storage:" in run.stdout and "resources:" in run.stdout
     assert not (tmp_path / "store").exists()
+
+
+def sms_csv(path: Path, rows: int = 400) -> Path:
+    """A user's own data file: the first `rows` SMS messages as a CSV."""
+    df = pd.read_csv(BUNDLED_PATH, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE, dtype=str)
+    df.iloc[:rows][["text", "label"]].to_csv(path, index=False)
+    return path
+
+
+def test_bf16_sweep_on_a_cpu_without_native_bf16(tmp_path: Path) -> None:
+    """Half precision end to end on any CPU (bf16 forced to the emulated path): trials, the test-split score and the
+    export all run under the trial's autocast."""
+    overrides = {"model.dtype": "bfloat16", "sweep.num_samples": 2, "train.max_epochs": 1, "data.max_examples": 200}
+    run = cli(tiny_args(tmp_path, **{"sweep.name": "bf16", **overrides}), env={"LORAHPO_CPU_BF16": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "model.dtype=bfloat16 on a CPU without native bf16" in run.stderr
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert set(summary["test"]) == {"test_accuracy", "test_f1", "test_fbeta", "test_loss"}
+    assert json.loads((tmp_path / "bf16" / "best" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_ctrl_c_keeps_the_sweep_for_resume_which_refuses_changed_data(tmp_path: Path, procs: list) -> None:
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) mid-sweep: exit 130, no summary, test score
+    or best/; --resume with an edited data file is refused; with the original it finishes (in bf16, emulated), and
+    manifest.json keeps the original record plus one entry per resume."""
+    data = sms_csv(tmp_path / "sms.csv")
+    original = data.read_bytes()
+    args = tiny_args(
+        tmp_path,
+        **{
+            "sweep.name": "intr",
+            "data.path": str(data),
+            "data.max_examples": None,
+            "model.dtype": "bfloat16",
+            "sweep.num_samples": 3,
+            "sweep.scheduler": "fifo",
+        },
+    )
+    env = {"LORAHPO_CPU_BF16": "0"}
+    proc = cli_background(args, tmp_path / "driver.log", env=env)
+    procs.append(proc)
+    exp = tmp_path / "intr"
+    wait_for(lambda: any(len(p.read_text().splitlines()) >= 2 for p in exp.glob("*/progress.csv")), 300, "an epoch")
+    created = json.loads((exp / "manifest.json").read_text())["created"]
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, (tmp_path / "driver.log").read_text()[-3000:]
+    last = (tmp_path / "driver.log").read_text().strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: the sweep at {exp} stopped with ") and "--resume" in last
+    for name in ("summary.json", "results.parquet", "best", "optuna_res.pkl"):
+        assert not (exp / name).exists(), name
+
+    data.write_bytes(original + b"one more message,ham\n")
+    changed = cli(["--resume", *args], env=env)
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume: the data file differs from the one the sweep at {exp} started with (sha256 "
+    )
+    data.write_bytes(original)
+    resumed = cli(["--resume", *args], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = pd.read_parquet(exp / "results.parquet")
+    assert len(df) == 3 and (df["stop_reason"] == "max_epochs").all()
+    meta = json.loads((exp / "manifest.json").read_text())
+    assert meta["created"] == created and len(meta["resumes"]) == 1 and "summary" in meta
+
+
+def test_every_trial_failing_still_writes_the_table(tmp_path: Path) -> None:
+    """A diverging learning rate: every trial fails (NaN/inf is a failure, not a value); the sweep still writes its
+    table with each trial's error, says so in one line and exits 1."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        search={"lora.r": {"type": "categorical", "choices": [4, 8]}},  # every trial keeps the diverging lr
+        points=[],
+        **{"train.lr": 1e30, "train.warmup_ratio": 0.0, "sweep.num_samples": 2, "train.max_epochs": 1},
+        **{"sweep.max_failures": 0, "sweep.name": "nan", "sweep.storage_path": str(tmp_path), "data.max_examples": 200},
+    )
+    run = cli(["--config", str(config)])
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr.strip().splitlines()[-1]
+    assert run.stderr.strip().splitlines()[-1].startswith("failed: every trial of the sweep failed (first error: ")
+    df = pd.read_parquet(tmp_path / "nan" / "results.parquet")
+    assert len(df) == 2 and (df["stop_reason"] == "error").all()
+    assert df["error"].str.contains("not finite at epoch 1: training diverged").all()
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["best_trial"] is None and summary["stop_reasons"] == {"error": 2}
+    assert not (tmp_path / "nan" / "best").exists()
+
+
+def test_two_drivers_never_share_a_sweep(tmp_path: Path, procs: list) -> None:
+    """Two drivers start the same sweep name at once: exactly one runs it, the other stops with one line."""
+    args = tiny_args(tmp_path, **{"sweep.name": "race", "sweep.num_samples": 1, "train.max_epochs": 1})
+    drivers = [cli_background(args, tmp_path / f"d{i}.log") for i in range(2)]
+    procs.extend(drivers)
+    codes = [p.wait(timeout=300) for p in drivers]
+    assert sorted(codes) == [0, 2], [(tmp_path / f"d{i}.log").read_text()[-2000:] for i in range(2)]
+    loser = (tmp_path / f"d{codes.index(2)}.log").read_text().strip().splitlines()[-1]
+    assert loser.startswith("error: ") and ("at the same time" in loser or "already exists" in loser), loser
+    assert len(pd.read_parquet(tmp_path / "race" / "results.parquet")) == 1
