@@ -45,6 +45,7 @@ from lorahpo.storage import (
     upload,
     upload_dir,
 )
+from lorahpo.tracking import check_loggers, finish_journal, log_summary
 from lorahpo.trainable import CKPT_NAME, export_best, load_trained, use_gpu
 from lorahpo.tuner import describe, make_tuner, restore_tuner
 
@@ -62,6 +63,7 @@ def prepare(
     Without `address` the sweep starts its own Ray on this machine, whose resources can be checked now; a dry run
     with `address` asks the cluster."""
     check_storage(cfg)  # first: everything after it reads the storage path
+    check_loggers(cfg)  # a named tracker that is not installed: one line now, not a crash mid-sweep
     check_experiment(cfg, resume, overwrite)
     if address is None:
         check_resources(cfg, local_nodes())
@@ -121,6 +123,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         df, study = write_tables(cfg, grid, out)
+        finish_journal(cfg, study, out)  # the live optuna_journal.log is this study (else rebuilt into out)
         best = best_row(df, cfg)
         best_cfg = row_config(cfg, best)
         with best_checkpoint(grid, best["trial_id"], cfg).as_directory() as d:
@@ -133,4 +136,5 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)
+    log_summary(cfg, summary)  # onto the trackers' sweep-level runs
     return summary

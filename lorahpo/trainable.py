@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,38 @@ class EpochReporter(L.Callback):
             self.report(row, Path(tmp))
 
 
-def quiet_logs() -> None:
-    """Trials log through Ray to the driver's console: keep per-trial banners, tips and load reports out of it."""
-    transformers.logging.set_verbosity_error()
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|weights_only|litlogger).*")
+# What the libraries log inside a trial (their banners and tips, deprecations, Ray's per-checkpoint notices) goes to the
+# trial's own log file, not to the driver's console, where Ray's table and one line per trial start/stop remain.
+LIBRARY_LOGGERS = ("transformers", "peft", "torch", "lightning", "lightning.pytorch", "lightning.fabric", "ray.train",
+                   "py.warnings")  # fmt: skip
+TRIAL_LOG = "trial.log"
+
+
+@contextlib.contextmanager
+def library_logs(path: Path) -> Iterator[None]:
+    """During a trial: library log records (INFO and up) and Python warnings go to `path`, in full, instead of the
+    console; everything is put back afterwards (a reused worker runs the next trial with the same setup)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {name: logging.getLogger(name) for name in LIBRARY_LOGGERS}
+    state = {name: (lg.handlers[:], lg.level, lg.propagate) for name, lg in saved.items()}
+    for lg in saved.values():
+        lg.handlers, lg.propagate = [handler], False
+        lg.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # tqdm writes to the console directly, not through logging
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # every distinct warning once, into the file
+            yield
+    finally:
+        logging.captureWarnings(False)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        for name, lg in saved.items():
+            lg.handlers, lg.level, lg.propagate = state[name]
+        handler.close()
 
 
 def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
@@ -175,7 +201,11 @@ def trial_threads(cfg: ExperimentConfig) -> int:
 def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
     """Function trainable: a trial is the base config plus the searcher's dotted overrides."""
     cfg = apply_overrides(base, params)
-    quiet_logs()
+    with library_logs(Path(TRIAL_LOG).resolve()):  # Tune runs a trial in its own directory (synced to storage)
+        _tune_trial(cfg, base, data)
+
+
+def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData) -> None:
     gpu = use_gpu(base)
     if gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         # the driver (e.g. a CPU head node) could not see this node's GPU; fail the trial with the same advice
