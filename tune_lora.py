@@ -42,6 +42,7 @@ def console() -> None:
     logging.getLogger("lorahpo").setLevel(logging.INFO)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own level when first imported
     # Lightning 2.6 calls a torch pytree API that torch deprecated (no fix on our side), once per evaluation
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 

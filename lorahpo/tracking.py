@@ -268,11 +268,12 @@ class MLflowSweep(MLflowLoggerCallback):
 def wandb_callback(cfg: ExperimentConfig) -> tune.Callback:
     """Ray's W&B logger: one run per trial, grouped under the sweep's name; WANDB_PROJECT (default `lorahpo`),
     WANDB_MODE=offline, WANDB_DIR, and the API key from W&B's own login or WANDB_API_KEY (never stored)."""
-    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+    import ray
+    from ray.air.integrations.wandb import WandbLoggerCallback, _force_on_current_node, _WandbLoggingActor
 
     class QuietActor(_WandbLoggingActor):
-        """The trial's W&B process, given the API key as a constructor argument (Ray's object store) and quiet: its
-        run history and sync hints would fill the driver's console, and the files hold them anyway."""
+        """A trial's W&B process: the API key arrives as a constructor argument (Ray's object store), and W&B is
+        silent (its run history and sync hints would fill the driver's console; the run files hold them)."""
 
         def __init__(self, *args: Any, env: dict[str, str], **kwargs: Any):
             os.environ.update({"WANDB_SILENT": "true", **env})
@@ -282,16 +283,14 @@ def wandb_callback(cfg: ExperimentConfig) -> tune.Callback:
         _logger_actor_cls = QuietActor
 
         def _start_logging_actor(self, trial: Any, exclude_results: list[str], **kwargs: Any) -> None:
-            # Ray would pass WANDB_API_KEY in a runtime_env, which its runtime-env agent writes into its log file
-            key = os.environ.pop("WANDB_API_KEY", None)
-            env = {"WANDB_API_KEY": key} if key else {}
-            try:
-                super()._start_logging_actor(trial, exclude_results, env=env, **kwargs)
-            finally:
-                if key is not None:
-                    os.environ["WANDB_API_KEY"] = key
+            if not self._remote_logger_class:
+                # Ray's own puts WANDB_API_KEY in a runtime_env, which Ray's runtime-env agent writes into its log,
+                # and asks for restarts its core worker warns about on the console, once per trial
+                self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node())(QuietActor)
+            env = {"WANDB_API_KEY": os.environ["WANDB_API_KEY"]} if os.environ.get("WANDB_API_KEY") else {}
+            super()._start_logging_actor(trial, exclude_results, env=env, **kwargs)
 
-    project = None if os.environ.get("WANDB_PROJECT") else "lorahpo"
+    project = os.environ.get("WANDB_PROJECT") or "lorahpo"  # W&B's variable (Ray's own reads WANDB_PROJECT_NAME)
     return WandbSweep(project=project, group=cfg.sweep.name, job_type="trial", reinit="finish_previous")
 
 
