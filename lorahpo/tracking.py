@@ -69,10 +69,10 @@ def tracker_callbacks(cfg: ExperimentConfig) -> list[tune.Callback]:
 
 
 def ray_default_loggers(cfg: ExperimentConfig) -> None:
-    """Ray adds a TensorBoard writer to every sweep (new or restored) unless this variable is set; we add the loggers
-    we want ourselves (tracker_callbacks), so `sweep.loggers: []` writes no event files."""
-    if "tensorboard" not in cfg.sweep.loggers:
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    """Ray adds its CSV, JSON and TensorBoard loggers to every sweep (new or restored) unless this variable is set. With
+    TensorBoard on, tracker_callbacks passes Ray's TensorBoard logger and Ray adds the other two; with it off, the
+    variable keeps Ray's out and tracker_callbacks passes CSV and JSON. Set either way: it lives in the process."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if "tensorboard" in cfg.sweep.loggers else "1"
 
 
 def trial_key(trial: Any) -> str:
