@@ -13,7 +13,9 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
+import optuna
 import yaml
 
 from lorahpo import sweep
@@ -33,9 +35,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # flags may sit between KEY=VALUE overrides
 
 
+def console() -> None:
+    """The driver's console: lorahpo's own notices, Ray's table, one line per trial start/stop, the summary. The
+    libraries' INFO chatter (a new Optuna study per study object; Lightning's accelerator banner and tips when the
+    best trial is scored) stays out; their warnings stay in. Trials log into their own trial.log files."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("lorahpo").setLevel(logging.INFO)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own level when first imported
+    # Lightning 2.6 calls a torch pytree API that torch deprecated (no fix on our side), once per evaluation
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    console()
     try:
         cfg = load_config(args.config, args.overrides)
         if args.resume and args.overwrite:

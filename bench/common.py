@@ -82,11 +82,13 @@ def quiet() -> None:
     import logging
     import warnings
 
-    from lorahpo.trainable import quiet_logs
+    import transformers
 
-    quiet_logs()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def matplotlib_pyplot() -> Any:

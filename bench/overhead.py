@@ -13,6 +13,13 @@ the overhead is for the trials the project actually runs.
 
     python bench/overhead.py                         # the recorded run (N = 4, 16, 64 + 4 default trials; ~20 min)
     python bench/overhead.py --smoke --out /tmp/o    # plumbing check (N = 2)
+
+`--trackers` measures what watching a sweep costs instead: the default sweep (configs/default.yaml as it is) with
+`sweep.loggers=[]` and with the default `[tensorboard]`, alternating, both writing the live Optuna journal, whose own
+cost is timed apart (LiveStudy driven for 64 trials x 3 epochs). Target: under 2% of the sweep's wall time.
+
+    python bench/overhead.py --trackers --repeats 2  # the recorded run (4 default sweeps, ~25 min)
+    python bench/overhead.py --trackers --smoke --out /tmp/o   # plumbing check (tiny trials, N = 2)
 """
 
 from __future__ import annotations
@@ -152,6 +159,105 @@ def sweep(base: Any, data: Any, n: int, slots: int, reuse: bool, work: Path, tag
     }
 
 
+def tracker_overhead(cfg: Any, data: Any, work: Path, repeats: int) -> dict[str, Any]:
+    """The same sweep without trackers and with the default one (TensorBoard), alternating the order per repeat
+    (drift on a shared machine cancels); both write the live journal (see journal_cost). Seeded and sequential: the
+    trials must be identical with and without trackers (they never feed the searcher)."""
+    import shutil
+
+    from lorahpo.config import apply_overrides
+    from lorahpo.results import ordered
+    from lorahpo.tuner import make_tuner
+
+    runs = []
+    for rep in range(repeats):
+        for loggers in ([], ["tensorboard"]) if rep % 2 == 0 else (["tensorboard"], []):
+            name = f"trackers-{'-'.join(loggers) or 'none'}-rep{rep}"
+            c = apply_overrides(cfg, {"sweep.loggers": loggers, "sweep.name": name, "sweep.storage_path": str(work)})
+            shutil.rmtree(work / name, ignore_errors=True)
+            tuner = make_tuner(c, data)
+            t = time.perf_counter()
+            results = ordered(tuner.fit())
+            wall = time.perf_counter() - t
+            row = {
+                "loggers": loggers,
+                "repeat": rep,
+                "wall_s": wall,
+                "sum_trial_time_s": sum(float(r.metrics["time_total_s"]) for r in results),
+                "event_files": len(list((work / name).glob("trial_*/events.out.tfevents.*"))),
+                "val_fbeta": [[float(v) for v in r.metrics_dataframe["val_fbeta"]] for r in results],
+            }
+            runs.append(row)
+            print(f"[overhead] trackers {loggers}: wall {wall:.1f} s, {row['event_files']} event files", flush=True)
+    none = statistics.median(r["wall_s"] for r in runs if not r["loggers"])
+    tb = statistics.median(r["wall_s"] for r in runs if r["loggers"])
+    curves = {tuple(map(tuple, r["val_fbeta"])) for r in runs}
+    return {"runs": runs, "wall_none_s": none, "wall_tensorboard_s": tb,
+            "tensorboard_overhead_pct": 100 * (tb - none) / none, "identical_trials": len(curves) == 1}  # fmt: skip
+
+
+def journal_cost(cfg: Any, work: Path, trials: int = 64, epochs: int = 3) -> dict[str, Any]:
+    """The live journal's own cost on the driver: LiveStudy's hooks for `trials` trials of `epochs` epochs each, on
+    local disk, as Tune calls them (start, one result per epoch, complete)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from lorahpo.config import apply_overrides, tuning_metric
+    from lorahpo.tracking import LiveStudy
+
+    c = apply_overrides(cfg, {"sweep.name": "journal-cost", "sweep.storage_path": str(work)})
+    shutil.rmtree(work / "journal-cost", ignore_errors=True)
+    live = LiveStudy(c)
+    live.setup()
+    params = dict(c.sweep.points_to_evaluate[0]) if c.sweep.points_to_evaluate else {}
+    t = time.perf_counter()
+    for i in range(trials):
+        trial = SimpleNamespace(path=f"{work}/journal-cost/trial_{i:03d}_x", config=params, last_result=None)
+        live.on_trial_start(0, [], trial)
+        for epoch in range(1, epochs + 1):
+            trial.last_result = {"epoch": epoch, c.train.metric: 0.5 + epoch / 10, tuning_metric(c): 0.5 + epoch / 10}
+            live.on_trial_result(0, [], trial, trial.last_result)
+        live.on_trial_complete(0, [], trial)
+    per_trial = (time.perf_counter() - t) / trials
+    assert not live._failed, "the journal failed to write"
+    return {"trials": trials, "epochs": epochs, "seconds_per_trial": per_trial}
+
+
+def trackers_main(args: argparse.Namespace) -> int:
+    import ray
+
+    from lorahpo.config import apply_overrides, load_config
+    from lorahpo.data import load_task
+    from lorahpo.sources import load_tokenizer
+
+    quiet()
+    out = (args.out or DOCS_DIR / "overhead").resolve()
+    work = (args.work or (out / "work" if args.smoke else WORK_DIR / "overhead")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = apply_overrides(load_config(), {**SHORT_TRIAL, "sweep.num_samples": 2}) if args.smoke else load_config()
+    data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    res: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "sweep": f"{cfg.model.name}, "
+                           f"{cfg.sweep.num_samples} trials x up to {cfg.train.max_epochs} epochs"}  # fmt: skip
+    res["journal"] = journal_cost(cfg, work)
+    ray.init(address="local", log_to_driver=False, configure_logging=False)
+    try:
+        res["trackers"] = tracker_overhead(cfg, data, work, 1 if args.smoke else args.repeats)
+    finally:
+        ray.shutdown()
+    t, j = res["trackers"], res["journal"]
+    trial_s = statistics.median(r["sum_trial_time_s"] / cfg.sweep.num_samples for r in t["runs"])
+    res["journal_pct_of_trial"] = 100 * j["seconds_per_trial"] / trial_s
+    write_json(out / "trackers.json", res)
+    print(
+        f"[overhead] TensorBoard: {t['wall_none_s']:.1f} s -> {t['wall_tensorboard_s']:.1f} s "
+        f"({t['tensorboard_overhead_pct']:+.2f}%), identical trials: {t['identical_trials']}; live journal "
+        f"{1000 * j['seconds_per_trial']:.1f} ms per trial ({res['journal_pct_of_trial']:.3f}% of a trial); "
+        f"wrote {out / 'trackers.json'}",
+        flush=True,
+    )
+    return 0
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = matplotlib_pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
@@ -258,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-n", type=int, default=None, help="trials of the default-model sweep (default 4; 0: none)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default docs/benchmarks/overhead)")
     p.add_argument("--work", type=Path, default=None, help="Ray experiments (default bench/out/overhead)")
+    p.add_argument("--trackers", action="store_true", help="only the cost of watching a sweep (see the docstring)")
     args = p.parse_args(argv)
+    if args.trackers:
+        return trackers_main(args)
     ns = args.ns or ([2] if args.smoke else [4, 16, 64])
     repeats = 1 if args.smoke else args.repeats
     two_slots = args.two_slots if args.two_slots is not None else ([] if args.smoke else [16])

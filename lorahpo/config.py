@@ -182,6 +182,11 @@ class SweepConfig:
     reuse_actors: bool = True
     """One worker process runs trial after trial (each trial still seeds and builds everything anew). False starts a
     fresh process per trial: ~7 s more per trial, but trials spread over a cluster's nodes even when they are short."""
+    loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ("tensorboard",)
+    """Trackers fed live by the driver (the Optuna journal optuna_journal.log is always written): tensorboard (event
+    files and HParams in each trial's directory), mlflow (MLFLOW_TRACKING_URI; experiment = sweep.name, trial runs
+    nested under a sweep run; `pip install 'lorahpo[mlflow]'`), wandb (WANDB_PROJECT, WANDB_MODE=offline; trial runs
+    grouped by sweep.name; `pip install 'lorahpo[wandb]'`)."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
@@ -194,6 +199,8 @@ class SweepConfig:
             raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
         if self.max_failures < 0 or self.num_to_keep < 1:
             raise UserError("sweep.max_failures must be >= 0 and sweep.num_to_keep >= 1")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise UserError(f"sweep.loggers={list(self.loggers)} names a logger twice; list each once")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):
             raise UserError(
                 f"sweep.name={self.name!r} must be a plain name: letters, digits, '.', '_' or '-' (not '.' or '..'), "

@@ -3,6 +3,11 @@ count and placement of every injected module)."""
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
+from typing import Any
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
@@ -11,6 +16,9 @@ from transformers import AutoModelForSequenceClassification, LlamaForSequenceCla
 
 from lorahpo.config import ExperimentConfig, ModelConfig
 from lorahpo.sources import DTYPES, TINY, from_pretrained, tiny_config
+
+log = logging.getLogger(__name__)
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def build_base(cfg: ModelConfig, num_labels: int, pad_token_id: int) -> torch.nn.Module:
@@ -26,16 +34,33 @@ def build_base(cfg: ModelConfig, num_labels: int, pad_token_id: int) -> torch.nn
         torch.nn.init.normal_(model.score.weight, std=mc.initializer_range)
         return model.to(DTYPES[cfg.dtype])
     kwargs = {} if cfg.num_layers is None else {"num_hidden_layers": cfg.num_layers}
-    model = from_pretrained(
+    model, info = from_pretrained(
         cfg,
         AutoModelForSequenceClassification.from_pretrained,
         num_labels=num_labels,
         dtype=DTYPES[cfg.dtype],
         pad_token_id=pad_token_id,
+        output_loading_info=True,
         **kwargs,
     )
+    odd = unexpected_load(info, model.config.num_hidden_layers)
+    if odd:  # transformers' own report is silenced (sources.from_pretrained): what is NOT expected is said here
+        log.warning("model %s: the load left %d weights unexpected or missing: %s", cfg.name, len(odd), odd[:5])
     model.config.pad_token_id = pad_token_id  # Llama pools the last non-pad token: it must know which one is pad
     return model
+
+
+def unexpected_load(info: dict[str, Any], kept_layers: int) -> list[str]:
+    """The keys of a load report that are NOT expected. Expected: the decoder layers cut off by `model.num_layers`
+    and a causal LM's `lm_head` (unused by a classifier), and the new `score` head (missing: trained here)."""
+
+    def cut(key: str) -> bool:
+        m = LAYER.search(key)
+        return key.startswith("lm_head.") or (m is not None and int(m.group(1)) >= kept_layers)
+
+    odd = sorted(k for k in info.get("unexpected_keys", ()) if not cut(k))
+    odd += sorted(k for k in info.get("missing_keys", ()) if not k.startswith("score."))
+    return odd + sorted(str(k[0]) for k in info.get("mismatched_keys", ()))
 
 
 def lora_layers(model: torch.nn.Module) -> list[str]:
@@ -58,7 +83,9 @@ def add_lora(base: torch.nn.Module, cfg: ExperimentConfig) -> PeftModel:
         layers_pattern="layers",
         modules_to_save=["score"],
     )
-    model = get_peft_model(base, peft_cfg)
+    with warnings.catch_warnings():  # peft probes a property transformers 5 deprecates (FutureWarning), per model
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, peft_cfg)
     injected = lora_layers(model)
     expected = len(cfg.lora.target_modules) * cfg.lora.last_n
     # layers_to_transform silently matches nothing when a pattern is off: check count AND placement.

@@ -25,6 +25,7 @@ from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, confi
 from lorahpo.space import distribution
 from lorahpo.storage import filesystem, read_bytes, read_text
 
+JOURNAL = "optuna_journal.log"  # the live study, in the experiment directory (optuna-dashboard reads it)
 # metrics.csv: one row per epoch, in this order.
 EPOCH_COLUMNS = ["epoch", "train_loss", *VAL_METRICS, "best_epoch", "early_stopped", "epoch_time_s"]
 
@@ -69,7 +70,7 @@ def read_tables(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
 
 
 def load_journal(path: str | Path) -> optuna.Study:
-    """Load the study written by `write_journal` (no pickle involved)."""
+    """Load the study of a journal (the live `optuna_journal.log`, or one `write_journal` wrote; no pickle)."""
     return optuna.load_study(study_name=None, storage=JournalStorage(JournalFileBackend(str(path))))
 
 
@@ -105,14 +106,15 @@ def error_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def stop_reason(cfg: ExperimentConfig, result: tune.Result, epochs: int, unfinished: bool = False) -> str:
-    if result.error is not None:
+def stop_reason(cfg: ExperimentConfig, metrics: dict[str, Any], errored: bool, unfinished: bool = False) -> str:
+    """Why a trial ended, from its last report; the same rule for the tables, the pickle and the live journal."""
+    if errored:
         return "error"
     if unfinished:
         return "unfinished"
-    if (result.metrics or {}).get("early_stopped"):
+    if metrics.get("early_stopped"):
         return "early_stop"
-    if epochs >= cfg.train.max_epochs:
+    if int(metrics.get("epoch", 0)) >= cfg.train.max_epochs:
         return "max_epochs"
     return "asha_stop" if cfg.sweep.scheduler == "asha" else "incomplete"
 
@@ -139,7 +141,7 @@ def trials_frame(
                 **{f"best_epoch_{k}": at_best.get(k, math.nan) for k in VAL_METRICS},
                 **{f"last_{k}": m.get(k, math.nan) for k in VAL_METRICS},
                 "epochs": epochs,
-                "stop_reason": stop_reason(cfg, r, epochs, trial_id(r) in unfinished),
+                "stop_reason": stop_reason(cfg, m, r.error is not None, trial_id(r) in unfinished),
                 "wall_time_s": m.get("time_total_s", math.nan),
                 "trainable_params": m.get("trainable_params"),
                 "checkpoint": best.path if best is not None else None,
@@ -175,32 +177,74 @@ def best_checkpoint(grid: ResultGrid, trial: str, cfg: ExperimentConfig) -> tune
     return result.get_best_checkpoint(cfg.train.metric, cfg.train.mode)
 
 
+def study_params(cfg: ExperimentConfig, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's searched params and their Optuna distributions (keys outside the search space left out)."""
+    dists = {k: distribution(s) for k, s in cfg.search.items()}
+    params = {k: config[k] for k in dists if k in config}
+    return params, {k: dists[k] for k in params}
+
+
+def trial_outcome(
+    cfg: ExperimentConfig, metrics: dict[str, Any], errored: bool
+) -> tuple[optuna.trial.TrialState, float | None, dict[str, Any]]:
+    """(state, value, user attrs) of a finished trial from its last report. The value is the tuning metric (a running
+    best), as the searcher is told: an ASHA-stopped trial is COMPLETE with it, its stop reason a user attr."""
+    value = metrics.get(tuning_metric(cfg))
+    state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+    epochs = int(metrics.get("epoch", 0))
+    return state, value, {"epochs": epochs, "stop_reason": stop_reason(cfg, metrics, errored)}
+
+
 def optuna_study(results: Iterable[tune.Result], cfg: ExperimentConfig) -> optuna.Study:
     """Every trial as an Optuna trial (params, value = tuning metric, one intermediate value per epoch), so the
-    predecessor's `pickle.load(...).best_trial` snippet and Optuna's plots work."""
+    predecessor's `pickle.load(...).best_trial` snippet and Optuna's plots work. The live journal
+    (tracking.LiveStudy) builds the same trials from the same helpers while the sweep runs."""
     study = optuna.create_study(
         study_name=cfg.sweep.name, direction="maximize" if cfg.train.mode == "max" else "minimize"
     )
-    dists = {k: distribution(s) for k, s in cfg.search.items()}
     for r in ordered(results):
-        m = r.metrics or {}
         hist = history(r)
-        params = {k: r.config[k] for k in dists if k in r.config}
-        value = m.get(tuning_metric(cfg))
-        state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+        params, dists = study_params(cfg, r.config)
+        state, value, attrs = trial_outcome(cfg, r.metrics or {}, r.error is not None)
         inter = {int(e): float(v) for e, v in zip(hist.get("epoch", []), hist.get(cfg.train.metric, []))}
-        epochs = int(m.get("epoch", 0))
         study.add_trial(
             optuna.trial.create_trial(
                 params=params,
-                distributions={k: dists[k] for k in params},
+                distributions=dists,
                 value=value,
                 state=state,
                 intermediate_values=inter,
-                user_attrs={"trial_id": trial_id(r), "epochs": epochs, "stop_reason": stop_reason(cfg, r, epochs)},
+                user_attrs={"trial_id": trial_id(r), **attrs},
             )
         )
     return study
+
+
+def study_differences(a: optuna.Study, b: optuna.Study) -> list[str]:
+    """How two studies of the same sweep differ, trial by trial (matched by the `trial_id` user attr): params,
+    state, value, intermediate values, user attrs. Empty when they are the same study."""
+
+    def view(study: optuna.Study) -> dict[str, tuple]:
+        return {
+            str(t.user_attrs.get("trial_id")): (
+                t.params,
+                t.distributions,
+                t.state,
+                t.values,
+                t.intermediate_values,
+                t.user_attrs,
+            )
+            for t in study.trials
+        }
+
+    va, vb = view(a), view(b)
+    out = [f"{k}: only in one study" for k in sorted(set(va) ^ set(vb))]
+    out += [f"{k}: differs" for k in sorted(set(va) & set(vb)) if va[k] != vb[k]]
+    if len(a.trials) != len(va) or len(b.trials) != len(vb):
+        out.append("a trial_id appears twice")
+    if a.directions != b.directions:
+        out.append("directions differ")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,7 +252,8 @@ def optuna_study(results: Iterable[tune.Result], cfg: ExperimentConfig) -> optun
 
 
 def write_tables(cfg: ExperimentConfig, grid: ResultGrid, out: Path) -> tuple[pd.DataFrame, optuna.Study]:
-    """results.parquet, trials/<id>/metrics.csv, optuna_res.pkl and optuna_journal.log; returns the table and study."""
+    """results.parquet, trials/<id>/metrics.csv and optuna_res.pkl; returns the table and study. (The journal was
+    written live, by tracking.LiveStudy; tracking.finish_journal checks it against this study.)"""
     df = trials_frame(grid, cfg)
     df.to_parquet(out / "results.parquet", index=False)
     for r in ordered(grid):
@@ -218,7 +263,6 @@ def write_tables(cfg: ExperimentConfig, grid: ResultGrid, out: Path) -> tuple[pd
     study = optuna_study(grid, cfg)
     with open(out / "optuna_res.pkl", "wb") as f:
         pickle.dump(study, f)
-    write_journal(study, out / "optuna_journal.log")
     return df, study
 
 

@@ -5,6 +5,7 @@ becomes one line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -13,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from filelock import FileLock
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -175,11 +177,29 @@ def _hub_error(cfg: ModelConfig, err: BaseException | None) -> UserError | None:
     return None
 
 
-def from_pretrained(cfg: ModelConfig, load: Callable[..., Any], **kwargs: Any) -> Any:
-    """`load(source, revision=..., trust_remote_code=..., **kwargs)` with the source resolved and hub errors a user
-    can fix turned into one line."""
+@contextlib.contextmanager
+def quiet_load() -> Iterator[None]:
+    """transformers reports on every load: a progress bar, and a table of every key of a truncated base (the layers
+    cut off "UNEXPECTED", the new head "MISSING"). Both are expected here; model.build_base checks the load itself
+    and says what is not expected. Scoped to the load call; the verbosity is put back after it."""
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        return load(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def from_pretrained(cfg: ModelConfig, load: Callable[..., Any], **kwargs: Any) -> Any:
+    """`load(source, revision=..., trust_remote_code=..., **kwargs)` with the source resolved, the load quiet
+    (`quiet_load`), and hub errors a user can fix turned into one line."""
+    try:
+        with quiet_load():
+            return load(resolve_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         user = _hub_error(cfg, e)
         if user is None:

@@ -61,6 +61,7 @@ from lorahpo.storage import (
     upload,
     upload_dir,
 )
+from lorahpo.tracking import check_loggers, finish_journal, log_summary
 from lorahpo.trainable import score_and_export
 from lorahpo.tuner import describe, make_tuner, restore_tuner
 
@@ -79,6 +80,7 @@ def prepare(
     with `address` asks the cluster."""
     check_points(cfg)
     check_storage(cfg)  # first of the storage checks: everything after it reads the storage path
+    check_loggers(cfg)  # a named tracker that is not installed: one line now, not a crash mid-sweep
     check_experiment(cfg, resume, overwrite)
     if address is None:
         check_resources(cfg, local_nodes())
@@ -179,6 +181,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         df, study = write_tables(cfg, grid, out)
+        finish_journal(cfg, study, out)  # the live optuna_journal.log is this study (else rebuilt into out)
         best = best_row(df, cfg)
         if best is None:  # every trial failed: the tables (with each trial's error) are the result
             summary = make_summary(cfg, df, None, {}, len(data.test), where)
@@ -194,7 +197,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
             num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
         )
         ckpt = best_checkpoint(grid, best["trial_id"], cfg)
-        scored = ray.get(task.remote(best_cfg, data, ckpt, f"{exp}/best", fs))
+        scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
@@ -202,6 +205,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)
+    log_summary(cfg, summary)  # onto the trackers' sweep-level runs
     return summary
 
 

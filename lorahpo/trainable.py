@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import dataclasses
 import csv
+import dataclasses
 import gc
 import json
 import logging
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +102,38 @@ class EpochReporter(L.Callback):
             self.report(row, Path(tmp))
 
 
-def quiet_logs() -> None:
-    """Trials log through Ray to the driver's console: keep per-trial banners, tips and load reports out of it."""
-    transformers.logging.set_verbosity_error()
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|weights_only|litlogger).*")
+# What the libraries log inside a trial (their banners and tips, deprecations, Ray's per-checkpoint notices) goes to the
+# trial's own log file, not to the driver's console, where Ray's table and one line per trial start/stop remain.
+LIBRARY_LOGGERS = ("transformers", "peft", "torch", "lightning", "lightning.pytorch", "lightning.fabric", "ray.train",
+                   "py.warnings")  # fmt: skip
+TRIAL_LOG = "trial.log"
+
+
+@contextlib.contextmanager
+def library_logs(path: Path) -> Iterator[None]:
+    """During a trial: library log records (INFO and up) and Python warnings go to `path`, in full, instead of the
+    console; everything is put back afterwards (a reused worker runs the next trial with the same setup)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {name: logging.getLogger(name) for name in LIBRARY_LOGGERS}
+    state = {name: (lg.handlers[:], lg.level, lg.propagate) for name, lg in saved.items()}
+    for lg in saved.values():
+        lg.handlers, lg.propagate = [handler], False
+        lg.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # tqdm writes to the console directly, not through logging
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")  # every distinct warning once, into the file
+            yield
+    finally:
+        logging.captureWarnings(False)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        for name, lg in saved.items():
+            lg.handlers, lg.level, lg.propagate = state[name]
+        handler.close()
 
 
 def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
@@ -200,21 +226,22 @@ def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, o
 
 
 def score_and_export(
-    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, dest: str, fs: pyarrow.fs.FileSystem
+    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, exp: str, fs: pyarrow.fs.FileSystem
 ) -> dict[str, Any]:
     """The end of a sweep, for its best trial (run where a trial runs: same precision, same device, same threads):
     reload the best epoch's checkpoint, score val (a check: it must reproduce the recorded epoch) and the untouched
-    test split ONCE, export best/ into `dest` on the sweep's storage. Returns the scores and best/'s format."""
-    quiet_logs()
+    test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores
+    and best/'s format."""
     torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
     gpu = use_gpu(cfg)
-    with checkpoint.as_directory() as d:
-        module = load_trained(cfg, data, Path(d) / CKPT_NAME)
-    val = evaluate(module, data.val, cfg, data.tokenizer, gpu)
-    test = evaluate(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else {}
     with tempfile.TemporaryDirectory() as tmp:
-        kind = export_best(module.cpu(), cfg, data, Path(tmp))
-        upload_dir(Path(tmp), dest, fs)
+        with library_logs(Path(tmp, "scoring.log")):
+            with checkpoint.as_directory() as d:
+                module = load_trained(cfg, data, Path(d) / CKPT_NAME)
+            val = evaluate(module, data.val, cfg, data.tokenizer, gpu)
+            test = evaluate(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else {}
+            kind = export_best(module.cpu(), cfg, data, Path(tmp, "best"))
+        upload_dir(Path(tmp), exp, fs)
     free_memory()
     return {"val": val, "test": test, "format": kind}
 
@@ -244,7 +271,11 @@ def trial_threads(cfg: ExperimentConfig) -> int:
 def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
     """Function trainable: a trial is the base config plus the searcher's dotted overrides."""
     cfg = apply_overrides(base, params)
-    quiet_logs()
+    with library_logs(Path(TRIAL_LOG).resolve()):  # Tune runs a trial in its own directory (synced to storage)
+        _tune_trial(cfg, base, data)
+
+
+def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData) -> None:
     gpu = use_gpu(base)
     if gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         # the driver (e.g. a CPU head node) could not see this node's GPU; fail the trial with the same advice

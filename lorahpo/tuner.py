@@ -18,6 +18,7 @@ from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.space import optuna_space
 from lorahpo.storage import display, experiment_dir, storage, storage_failure
+from lorahpo.tracking import ray_default_loggers, tracker_callbacks
 from lorahpo.trainable import tune_trial
 
 
@@ -104,6 +105,7 @@ def make_tuner(
 ) -> tune.Tuner:
     """A new sweep. `stop` (a Tune Stopper or dict) and extra `callbacks` are for benchmarks and tests."""
     root, fs = storage(cfg)
+    ray_default_loggers(cfg)
     run_config = tune.RunConfig(
         name=cfg.sweep.name,
         storage_path=root,
@@ -116,7 +118,8 @@ def make_tuner(
             checkpoint_score_order=cfg.train.mode,
         ),
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-        callbacks=[StorageWatch(cfg), *callbacks],
+        callbacks=[StorageWatch(cfg), *tracker_callbacks(cfg), *callbacks],  # the live study + sweep.loggers
+        sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's trial.log (trainable.library_logs)
         stop=stop,
         verbose=1,
     )
@@ -140,6 +143,7 @@ def restore_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
     """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
     searcher's state (TPE's history) restored so no trial runs twice."""
     path, fs = experiment_dir(cfg)
+    ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
     return tune.Tuner.restore(
         path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
     )

@@ -15,7 +15,7 @@ import yaml
 
 from lorahpo.config import load_config, to_dict
 from lorahpo.data import BUNDLED_PATH, load_task
-from lorahpo.results import load_experiment, load_journal, read_tables
+from lorahpo.results import load_experiment, load_journal, read_tables, study_differences
 from lorahpo.sources import load_tokenizer
 from lorahpo.trainable import fit
 
@@ -219,6 +219,12 @@ def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None
     params = [c for c in df if c.startswith("param.")]
     assert not df[params].duplicated().any()
     assert (df["epochs"] == 2).all() and (df["stop_reason"] == "max_epochs").all()
+    # the live journal continued across the crash: each trial once, the same study as the pickle, not rebuilt
+    journal = load_journal(exp / "optuna_journal.log")
+    assert sorted(t.user_attrs["trial_id"] for t in journal.trials) == sorted(df["trial_id"])
+    assert study_differences(journal, pickle.load(open(exp / "optuna_res.pkl", "rb"))) == []  # noqa: SIM115
+    ops = [json.loads(line)["op_code"] for line in (exp / "optuna_journal.log").read_text().splitlines()]
+    assert ops.count(4) == 4 and ops.count(7) >= 8 and "rebuilt" not in run.stderr  # created once, written live
 
 
 def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, procs: list) -> None:
