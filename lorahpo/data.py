@@ -27,20 +27,20 @@ from lorahpo.repro import epoch_seed
 
 log = logging.getLogger(__name__)
 
-# Data sets shipped inside the package, reachable as `data.path=bundled:<name>`: name -> (file in lorahpo/resources,
-# sha256 verified at every load). Each file is `label<TAB>text`, no header, no quoting. Sources, selection and licences
-# (both CC BY 4.0): lorahpo/resources/NOTICE.md.
-BUNDLED: dict[str, tuple[str, str]] = {
+# Data sets shipped inside the package, reachable as `data.path=bundled:<name>`: name -> sha256 of its file
+# lorahpo/resources/<name>.tsv (`label<TAB>text`, no header, no quoting), verified at every load. Sources, selection and
+# licences (both CC BY 4.0): lorahpo/resources/NOTICE.md.
+BUNDLED: dict[str, str] = {
     # SMS Spam Collection v.1 (Almeida and Gomez Hidalgo 2011, UCI): 4,862 messages, ham 4,220 / spam 642.
-    "sms_spam_collection": ("sms_spam_collection.tsv", "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d"),
+    "sms_spam_collection": "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d",
     # Banking77 (PolyAI, Casanueva et al. 2020): its 25 card-payment, top-up and transfer intents, 100 queries each.
-    "banking77_payments": ("banking77_payments.tsv", "9b3de8e5f572d6a84b0b53287bc36abf068dcf9386cedcbcc1371a0c4ebe248d"),
+    "banking77_payments": "9b3de8e5f572d6a84b0b53287bc36abf068dcf9386cedcbcc1371a0c4ebe248d",
 }
 BUNDLED_PREFIX = "bundled:"
 DEFAULT_BUNDLED = "sms_spam_collection"  # what `data.path: null` reads
 RESOURCES = Path(__file__).parent / "resources"
-BUNDLED_PATH = RESOURCES / BUNDLED[DEFAULT_BUNDLED][0]
-BUNDLED_SHA256 = BUNDLED[DEFAULT_BUNDLED][1]
+BUNDLED_PATH = RESOURCES / f"{DEFAULT_BUNDLED}.tsv"
+BUNDLED_SHA256 = BUNDLED[DEFAULT_BUNDLED]
 READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
@@ -99,10 +99,9 @@ def bundled_name(path: str | None) -> str | None:
 
 def read_bundled(name: str) -> tuple[pd.DataFrame, str]:
     """A bundled data set (checksum verified) as `text` and `label` columns, and its sha256."""
-    file, expected = BUNDLED[name]
-    path = RESOURCES / file
+    path = RESOURCES / f"{name}.tsv"
     digest = file_sha256(path)
-    if digest != expected:
+    if digest != BUNDLED[name]:
         raise RuntimeError(f"bundled data {path} is corrupt (sha256 {digest}); reinstall lorahpo")
     df = pd.read_csv(
         path, sep="\t", header=None, names=["label", "text"], quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False

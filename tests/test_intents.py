@@ -67,7 +67,7 @@ TINY = ["model.name=tiny-random-llama", "model.num_layers=4"]
 
 def test_bundled_intents_verified_and_counted() -> None:
     df, digest = read_table(DataConfig(path="bundled:banking77_payments"))
-    assert digest == file_sha256(RESOURCES / "banking77_payments.tsv") == BUNDLED["banking77_payments"][1]
+    assert digest == file_sha256(RESOURCES / "banking77_payments.tsv") == BUNDLED["banking77_payments"]
     assert digest == "9b3de8e5f572d6a84b0b53287bc36abf068dcf9386cedcbcc1371a0c4ebe248d"
     assert len(df) == 2500
     assert df["label"].value_counts().to_dict() == dict.fromkeys(INTENTS, 100)
@@ -125,7 +125,7 @@ def test_intents_dry_run_lists_the_classes(tmp_path: Path, capsys: pytest.Captur
     plan = yaml.safe_load(capsys.readouterr().out)
     data = plan["data"]
     assert data["source"] == "bundled:banking77_payments"
-    assert data["sha256"] == BUNDLED["banking77_payments"][1]
+    assert data["sha256"] == BUNDLED["banking77_payments"]
     assert data["label_names"] == INTENTS
     assert data["class_counts"] == dict.fromkeys(INTENTS, 100)
     assert data["split_sizes"] == {"train": 1750, "val": 375, "test": 375}
