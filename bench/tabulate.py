@@ -34,8 +34,20 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
+import ray
 import torch
 from common import BENCH_DIR, DOCS_DIR, REPO_ROOT, WORK_DIR, machine, md_table, quiet, write_json
+from ray import tune
+
+import lorahpo.tuner
+from lorahpo import sweep
+from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, load_config, parse_overrides
+from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader
+from lorahpo.errors import Interrupted, SweepFailed, UserError
+from lorahpo.results import history, load_experiment, ordered, trial_id
+from lorahpo.sources import load_tokenizer
+from lorahpo.storage import experiment_dir, location, read_bytes
+from lorahpo.trainable import CKPT_NAME, TRIAL_LOG, fit, free_memory, library_logs, trial_threads, use_gpu
 
 # This file's name is that of a PyPI package, `tabulate`, that torch imports when it can: with bench/ on sys.path (where
 # `python bench/tabulate.py` puts it, and Ray copies the driver's script directory into every worker's path) that
@@ -63,10 +75,8 @@ in epoch 1, checkpoint and report in every epoch): a replay's simulated duration
 # The grid
 
 
-def grid_points(cfg: Any) -> list[dict[str, Any]]:
+def grid_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """Every combination of the (all-categorical) search space, in product order: the configs to tabulate."""
-    from lorahpo.errors import UserError
-
     not_grid = [k for k, spec in cfg.search.items() if spec.type != "categorical"]
     if not_grid:
         raise UserError(f"the grid config's search space must be categorical; {not_grid} are not: list their values")
@@ -74,7 +84,7 @@ def grid_points(cfg: Any) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(cfg.search[k].choices for k in keys))]
 
 
-def smoke_space(cfg: Any) -> dict[str, Any]:
+def smoke_space(cfg: ExperimentConfig) -> dict[str, Any]:
     """4 configs: the baseline's value of every key, plus one other value of each of the first two keys."""
     base = cfg.sweep.points_to_evaluate[0]
     space = {}
@@ -86,12 +96,9 @@ def smoke_space(cfg: Any) -> dict[str, Any]:
 
 def tabulation_config(
     config: Path, overrides: dict[str, Any], smoke: bool
-) -> tuple[Any, list[dict[str, Any]], dict[str, Any] | None]:
+) -> tuple[ExperimentConfig, list[dict[str, Any]], dict[str, Any] | None]:
     """The grid config as a FIFO sweep over every grid point, each trained to max_epochs (no early stopping); the
     grid's points; the config's own first point (its untuned baseline), which must be one of them."""
-    from lorahpo.config import apply_overrides, load_config
-    from lorahpo.errors import UserError
-
     cfg = apply_overrides(load_config(config), overrides)
     if smoke:
         cfg = dataclasses.replace(cfg, search=smoke_space(cfg))
@@ -124,14 +131,11 @@ class TestEveryEpoch(L.Callback):
     it. Runs before the epoch's report (callbacks passed to `fit` precede its reporter), which carries `latest`. The
     next epoch reseeds every generator (seed, epoch), so training is exactly that of a normal sweep."""
 
-    def __init__(self, data: Any, cfg: Any):
+    def __init__(self, data: TaskData, cfg: ExperimentConfig):
         self.data, self.cfg = data, cfg
         self.latest: dict[str, float] = {}
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from lorahpo.config import METRICS
-        from lorahpo.data import make_loader
-
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
@@ -150,15 +154,9 @@ class TestEveryEpoch(L.Callback):
         self.latest = {f"test_{k}": scores[k] for k in METRICS} | {"test_time_s": time.perf_counter() - start}
 
 
-def tabulation_trial(params: dict[str, Any], base: Any, data: Any) -> None:
+def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
     """`lorahpo.trainable.tune_trial` with `TestEveryEpoch`: the same config, seed, data, resume and report, plus the
     epoch's test scores in the report."""
-    import ray
-    from ray import tune
-
-    from lorahpo.config import apply_overrides
-    from lorahpo.trainable import CKPT_NAME, TRIAL_LOG, fit, free_memory, library_logs, trial_threads, use_gpu
-
     cfg = apply_overrides(base, params)
     scorer = TestEveryEpoch(data, cfg)
 
@@ -181,9 +179,7 @@ def tabulation_trial(params: dict[str, Any], base: Any, data: Any) -> None:
             free_memory()
 
 
-def tabulation_trainable(cfg: Any, data: Any) -> Any:
-    from ray import tune
-
+def tabulation_trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
     fn = tune.with_parameters(tabulation_trial, base=cfg, data=data)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
 
@@ -192,11 +188,8 @@ def tabulation_trainable(cfg: Any, data: Any) -> Any:
 # The table
 
 
-def build_table(cfg: Any, points: list[dict[str, Any]]) -> pd.DataFrame:
+def build_table(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per config and epoch, from the finished experiment (every config, every epoch, or an error)."""
-    from lorahpo.results import history, load_experiment, ordered, trial_id
-    from lorahpo.storage import location
-
     grid, _ = load_experiment(location(cfg, experiment=True), cfg.sweep.s3_endpoint)
     index = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
     frames = []
@@ -217,7 +210,9 @@ def build_table(cfg: Any, points: list[dict[str, Any]]) -> pd.DataFrame:
     return df[["config_id", *params.columns.drop("config_id"), *COLUMNS[1:]]]
 
 
-def summarise(df: pd.DataFrame, cfg: Any, points: list[dict[str, Any]], baseline: dict | None) -> dict[str, Any]:
+def summarise(
+    df: pd.DataFrame, cfg: ExperimentConfig, points: list[dict[str, Any]], baseline: dict | None
+) -> dict[str, Any]:
     """What the table says about tuning: the best config, the median config and the baseline by their best val score
     over the epochs (the sweep's tuning metric), each with its test score at that epoch."""
     val, test = cfg.train.metric, cfg.train.metric.replace("val_", "test_")
@@ -240,12 +235,9 @@ def summarise(df: pd.DataFrame, cfg: Any, points: list[dict[str, Any]], baseline
     }
 
 
-def epoch_cost(cfg: Any) -> dict[str, float]:
+def epoch_cost(cfg: ExperimentConfig) -> dict[str, float]:
     """What an epoch of `cfg` computes, independent of the machine's load: its training rows and their tokens once
     padded by the project's length-grouped batches (mean over max_epochs epochs), and the same for validation."""
-    from lorahpo.data import LengthGroupedBatches, load_task
-    from lorahpo.sources import load_tokenizer
-
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
 
     def padded(split: Any, batch_size: int, shuffle: bool) -> float:
@@ -290,12 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = (args.out or DOCS_DIR / "tabulate").resolve()
     out.mkdir(parents=True, exist_ok=True)
-
-    import lorahpo.tuner
-    from lorahpo import sweep
-    from lorahpo.config import apply_overrides, load_config, parse_overrides
-    from lorahpo.errors import Interrupted, SweepFailed, UserError
-    from lorahpo.storage import experiment_dir, read_bytes
 
     quiet()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
