@@ -28,12 +28,21 @@ from lorahpo.checks import (
     cuda_bf16,
     local_nodes,
 )
-from lorahpo.config import ExperimentConfig, config_yaml, to_dict
+from lorahpo.config import METRICS, ExperimentConfig, config_yaml, to_dict
 from lorahpo.data import TaskData, load_task, split_rows
 from lorahpo.module import evaluate
 from lorahpo.plots import write_plots
+from lorahpo.prefix import plan_prefix, prepare_prefix
 from lorahpo.repro import manifest
-from lorahpo.results import best_checkpoint, best_row, make_summary, row_config, write_summary, write_tables
+from lorahpo.results import (
+    best_checkpoint,
+    best_row,
+    make_summary,
+    row_config,
+    trial_id,
+    write_summary,
+    write_tables,
+)
 from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.storage import (
     check_storage,
@@ -46,7 +55,7 @@ from lorahpo.storage import (
     upload_dir,
 )
 from lorahpo.trainable import CKPT_NAME, export_best, load_trained, use_gpu
-from lorahpo.tuner import describe, make_tuner, restore_tuner
+from lorahpo.tuner import describe, forwarded_env, make_tuner, restore_tuner
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +81,17 @@ def prepare(
         finally:
             ray.shutdown()
     check_dtype(cfg, cpu_has_bf16(), cuda_bf16())
-    check_model_fit(cfg, load_model_config(cfg.model))
+    model_config = load_model_config(cfg.model)
+    check_model_fit(cfg, model_config)
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
     plan = {"config": to_dict(cfg), **describe(cfg), "data": data.info, "resume": resume, "overwrite": overwrite}
+    prefix = plan_prefix(cfg, model_config, data)
+    plan["prefix_cache"] = (
+        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB "
+        "(in Ray's object store if it fits, else on each node's local disk; checked when the sweep starts)"
+        if prefix is not None
+        else "off"
+    )
     return data, plan
 
 
@@ -93,6 +110,9 @@ def run(
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
+        prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
+        if prefix is not None:  # sized and placed (or refused) before anything is written; built before any trial
+            prefix, meta["prefix_cache"] = prepare_prefix(cfg, data, prefix, forwarded_env())
         if overwrite and exists(fs, exp):
             log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
             fs.delete_dir(exp)
@@ -103,7 +123,7 @@ def run(
                 "split.json": json.dumps(split_rows(data)),
             }
             upload(provenance, exp, fs)
-        tuner = restore_tuner(cfg, data) if resume else make_tuner(cfg, data)
+        tuner = restore_tuner(cfg, data, prefix) if resume else make_tuner(cfg, data, prefix=prefix)
         try:
             return finalise(cfg, tuner.fit(), data, meta)
         except Exception:  # StorageWatch's error (Tune wraps it), or storage gone while results are written
@@ -129,8 +149,34 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         # the test split: scored once, here, for the chosen trial only
         test = evaluate(module, data.test, best_cfg, data.tokenizer, use_gpu(cfg)) if len(data.test) else {}
         summary = make_summary(cfg, df, best, test, len(data.test), location(cfg, experiment=True))
+        if meta.get("prefix_cache"):
+            summary["prefix_cache"] = {**meta["prefix_cache"], **cache_check(cfg, grid, best, module, data)}
         write_summary(summary, cfg, out)
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)
     return summary
+
+
+def cache_check(cfg: ExperimentConfig, grid: ResultGrid, best: Any, module: Any, data: TaskData) -> dict[str, Any]:
+    """The prefix cache's faithfulness, on the result that matters: the best checkpoint's val metrics through the full
+    model against those its trial reported from cached states (equal up to float noise)."""
+    best_cfg = row_config(cfg, best)
+    chosen = best_checkpoint(grid, best["trial_id"], cfg).path
+    result = next(r for r in grid if trial_id(r) == best["trial_id"])
+    cached = next(m for c, m in result.best_checkpoints if c.path == chosen)
+    full = evaluate(module, data.val, best_cfg, data.tokenizer, use_gpu(cfg))
+    diff = {k: full[k] - float(cached[f"val_{k}"]) for k in METRICS}
+    worst = max(abs(v) for v in diff.values())
+    log.info(
+        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by at "
+        "most %.2g (%s)",
+        worst,
+        ", ".join(f"{k} {v:+.2g}" for k, v in diff.items()),
+    )
+    return {
+        "best_trial_cut": cached.get("prefix_cut"),
+        "val_cached": {k: float(cached[f"val_{k}"]) for k in METRICS},
+        "val_full_model": full,
+        "max_abs_diff": worst,
+    }
