@@ -110,9 +110,9 @@ def run(
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
-        prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
-        if prefix is not None:  # sized and placed (or refused) before anything is written; built before any trial
-            prefix, meta["prefix_cache"] = prepare_prefix(cfg, data, prefix, forwarded_env())
+        prefix, spec = None, plan_prefix(cfg, load_model_config(cfg.model), data)
+        if spec is not None:  # sized and placed (or refused) before anything is written; built before any trial
+            prefix, meta["prefix_cache"] = prepare_prefix(cfg, data, spec, forwarded_env())
         if overwrite and exists(fs, exp):
             log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
             fs.delete_dir(exp)
