@@ -18,8 +18,8 @@ Parts (`--parts`, comma-separated; default `epochs,sweep,flops`):
   SmolLM2's 30 layers under the cache (`--layers`), against today's default (4 layers, no cache): wall, summed trial
   time, build time, best val F-beta and its test F-beta. Whether a deeper default is affordable, and better.
 
-    python bench/prefix_cache.py                                # epochs + sweep + flops (~20 min on 2 idle cores)
-    python bench/prefix_cache.py --parts deeper --layers 4,8,12 # today's default + 3 cached sweeps (~20 min)
+    python bench/prefix_cache.py                                # epochs + sweep + flops (~12 min on 2 idle cores)
+    python bench/prefix_cache.py --parts deeper --layers 4,8,12 # today's default + 3 cached sweeps (~15-20 min)
     python bench/prefix_cache.py --smoke --out /tmp/p           # plumbing check on the tiny random model (~2 min)
 """
 
