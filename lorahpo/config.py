@@ -187,6 +187,13 @@ class SweepConfig:
     files and HParams in each trial's directory), mlflow (MLFLOW_TRACKING_URI; experiment = sweep.name, trial runs
     nested under a sweep run; `pip install 'lorahpo[mlflow]'`), wandb (WANDB_PROJECT, WANDB_MODE=offline; trial runs
     grouped by sweep.name; `pip install 'lorahpo[wandb]'`)."""
+    prefix_cache: bool = True
+    """Run the frozen layers below the trials' lowest LoRA layer once per sweep (over train, val and test) and train
+    every trial from their cached hidden states: each trial then pays only for the layers it trains. Equal to the full
+    model up to float noise; exported models and the test score always use the full model."""
+    prefix_cache_max_gb: float | None = None
+    """Most the prefix cache may take on a node (memory, else local disk). null: half the node's Ray object store,
+    else the local disk's free space. The size is known before anything is built; too large is an error."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
@@ -199,6 +206,8 @@ class SweepConfig:
             raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
         if self.max_failures < 0 or self.num_to_keep < 1:
             raise UserError("sweep.max_failures must be >= 0 and sweep.num_to_keep >= 1")
+        if self.prefix_cache_max_gb is not None and self.prefix_cache_max_gb <= 0:
+            raise UserError(f"sweep.prefix_cache_max_gb={self.prefix_cache_max_gb} must be > 0 (or null: no cap)")
         if len(set(self.loggers)) != len(self.loggers):
             raise UserError(f"sweep.loggers={list(self.loggers)} names a logger twice; list each once")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):

@@ -23,6 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from lorahpo.config import FBETA_BETA, METRICS, ExperimentConfig, TrainConfig
 from lorahpo.data import Split, make_loader
+from lorahpo.model import upper_logits
 from lorahpo.repro import epoch_seed
 
 PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
@@ -59,9 +60,18 @@ def class_weights(labels: list[int], num_labels: int, positive_weight: float) ->
 class LoraClassifier(L.LightningModule):
     """Trains the LoRA + head parameters of a sequence classifier; checkpoints hold only those (MBs, not GBs)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, num_labels: int, weights: torch.Tensor, seed: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        num_labels: int,
+        weights: torch.Tensor,
+        seed: int,
+        cut: int | None = None,
+    ):
         super().__init__()
         self.model, self.cfg, self.seed = model, cfg, seed
+        self.cut = cut  # batches with cached "states" enter the model at this layer (lorahpo.prefix)
         self.register_buffer("weights", weights.float(), persistent=False)
         self.eval_metrics = make_metrics(num_labels)
         self.eval_loss = torchmetrics.MeanMetric()
@@ -70,6 +80,9 @@ class LoraClassifier(L.LightningModule):
         self.strict_loading = False
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "states" in batch:  # the frozen layers below `cut` were run once per sweep: run only the rest
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            return upper_logits(self.model, batch["states"], mask, ids, self.cut).float()
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
     def train_loss_epoch(self) -> float:

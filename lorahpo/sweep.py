@@ -35,16 +35,18 @@ from lorahpo.checks import (
     cuda_bf16,
     local_nodes,
 )
-from lorahpo.config import ExperimentConfig, config_yaml, to_dict
+from lorahpo.config import METRICS, ExperimentConfig, config_yaml, to_dict
 from lorahpo.data import TaskData, load_task, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.plots import write_plots
+from lorahpo.prefix import plan_prefix, prepare_prefix
 from lorahpo.repro import git_state, hardware, manifest, versions
 from lorahpo.results import (
     best_checkpoint,
     best_row,
     make_summary,
     row_config,
+    trial_id,
     write_summary,
     write_tables,
 )
@@ -63,7 +65,7 @@ from lorahpo.storage import (
 )
 from lorahpo.tracking import check_loggers, finish_journal, log_summary
 from lorahpo.trainable import score_and_export
-from lorahpo.tuner import describe, make_tuner, restore_tuner
+from lorahpo.tuner import describe, forwarded_env, make_tuner, restore_tuner
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,20 @@ def prepare(
         finally:
             ray.shutdown()
     check_dtype(cfg, cpu_has_bf16(), cuda_bf16())
-    check_model_fit(cfg, load_model_config(cfg.model))
+    model_config = load_model_config(cfg.model)
+    check_model_fit(cfg, model_config)
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
     if resume:
         exp, fs = experiment_dir(cfg)
         check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
     plan = {"config": to_dict(cfg), **describe(cfg), "data": data.info, "resume": resume, "overwrite": overwrite}
+    prefix = plan_prefix(cfg, model_config, data)
+    plan["prefix_cache"] = (
+        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB "
+        "(in Ray's object store if it fits, else on each node's local disk; checked when the sweep starts)"
+        if prefix is not None
+        else "off"
+    )
     return data, plan
 
 
@@ -114,16 +124,27 @@ def run(
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
+        # the prefix cache: sized and placed (or refused) before anything is written, built before any trial
+        prefix, spec, cache_info = None, plan_prefix(cfg, load_model_config(cfg.model), data), None
+        if spec is not None:
+            prefix, cache_info = prepare_prefix(cfg, data, spec, forwarded_env())
         if resume:
             meta = json.loads(read_text(fs, f"{exp}/manifest.json") or "{}")
             meta.setdefault("resumes", []).append(
-                {"at": _now(), "git": git_state(), "versions": versions(), "hardware": hardware()}
+                {
+                    "at": _now(),
+                    "git": git_state(),
+                    "versions": versions(),
+                    "hardware": hardware(),
+                    "prefix_cache": cache_info,
+                }
             )
             upload({"manifest.json": json.dumps(meta, indent=2, default=str)}, exp, fs)
-            tuner = restore_tuner(cfg, data)
+            tuner = restore_tuner(cfg, data, prefix)
         else:
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
-            tuner = start(cfg, data, meta, overwrite)
+            meta["prefix_cache"] = cache_info
+            tuner = start(cfg, data, meta, overwrite, prefix)
         try:
             grid = tuner.fit()
             unfinished = cfg.sweep.num_samples - grid.num_terminated - grid.num_errors
@@ -145,7 +166,7 @@ def run(
         ray.shutdown()
 
 
-def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool) -> Any:
+def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any) -> Any:
     """A new sweep's directory: claimed (two drivers never share one), its Tuner built, then provenance written
     before any training. A failure here removes what this driver created, so no half-made sweep is left behind."""
     exp, fs = experiment_dir(cfg)
@@ -161,7 +182,7 @@ def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite
             "same time; let it run (or --resume it later), or choose a new sweep.name"
         )
     try:
-        tuner = make_tuner(cfg, data)
+        tuner = make_tuner(cfg, data, prefix=prefix)
         provenance = {
             "config.yaml": config_yaml(cfg),
             "manifest.json": json.dumps(meta, indent=2, default=str),
@@ -201,12 +222,37 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
+        cache_info = (meta.get("resumes") or [{}])[-1].get("prefix_cache") or meta.get("prefix_cache")
+        if cache_info:
+            summary["prefix_cache"] = {**cache_info, **cache_check(grid, best, ckpt, scored["val"])}
         write_summary(summary, cfg, out)
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)
     log_summary(cfg, summary)  # onto the trackers' sweep-level runs
     return summary
+
+
+def cache_check(grid: ResultGrid, best: Any, checkpoint: Any, full: dict[str, float]) -> dict[str, Any]:
+    """The prefix cache's faithfulness, on the result that matters: the best checkpoint's val metrics through the full
+    model (`full`, from the final scoring) against those its trial reported from cached states (equal up to float
+    noise). Compared with the report of that same checkpoint, so tied epochs cannot show a false difference."""
+    result = next(r for r in grid if trial_id(r) == best["trial_id"])
+    cached = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
+    diff = {k: full[k] - float(cached[f"val_{k}"]) for k in METRICS}
+    worst = max(abs(v) for v in diff.values())
+    log.info(
+        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by at "
+        "most %.2g (%s)",
+        worst,
+        ", ".join(f"{k} {v:+.2g}" for k, v in diff.items()),
+    )
+    return {
+        "best_trial_cut": cached.get("prefix_cut"),
+        "val_cached": {k: float(cached[f"val_{k}"]) for k in METRICS},
+        "val_full_model": full,
+        "max_abs_diff": worst,
+    }
 
 
 def _now() -> str:

@@ -65,15 +65,21 @@ def trial_dirname(trial: Any) -> str:
 FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-def trial_with_env(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def trial_with_env(
+    params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str], prefix: Any = None
+) -> None:
     os.environ.update(env)  # before the trial loads a model
-    tune_trial(params, base, data)
+    tune_trial(params, base, data, prefix)
 
 
-def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
-    """The function trainable with the tokenized data put in the object store ONCE, and the trial's resources."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=env)
+def trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> Any:
+    """The function trainable with the tokenized data (and the prefix cache: an object-store reference, or the plan of
+    the nodes' disk caches) put in the object store ONCE, and the trial's resources."""
+    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=forwarded_env(), prefix=prefix)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
 
 
@@ -102,8 +108,10 @@ def make_tuner(
     data: TaskData,
     stop: Any = None,
     callbacks: Sequence[tune.Callback] = (),
+    prefix: Any = None,
 ) -> tune.Tuner:
-    """A new sweep. `stop` (a Tune Stopper or dict) and extra `callbacks` are for benchmarks and tests."""
+    """A new sweep. `stop` (a Tune Stopper or dict) and extra `callbacks` are for benchmarks and tests; `prefix` is
+    what lorahpo.prefix.prepare_prefix returned (None: trials run the full model)."""
     root, fs = storage(cfg)
     ray_default_loggers(cfg)
     run_config = tune.RunConfig(
@@ -136,16 +144,16 @@ def make_tuner(
         # failed worker is still replaced by a fresh one.
         reuse_actors=cfg.sweep.reuse_actors,
     )
-    return tune.Tuner(trainable(cfg, data), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
+def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> tune.Tuner:
     """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
     searcher's state (TPE's history) restored so no trial runs twice."""
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
     return tune.Tuner.restore(
-        path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
     )
 
 

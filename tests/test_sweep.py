@@ -15,8 +15,9 @@ import yaml
 
 from lorahpo.config import load_config, to_dict
 from lorahpo.data import BUNDLED_PATH, load_task
+from lorahpo.prefix import build_in_memory, plan_prefix
 from lorahpo.results import load_experiment, load_journal, read_tables, study_differences
-from lorahpo.sources import load_tokenizer
+from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.trainable import fit
 
 from .conftest import cli, cli_background, load_best, snapshot_trials, tiny_args, tiny_config, wait_for
@@ -125,6 +126,12 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     assert summary["best_trial"] == best["trial_id"] and summary["num_trials"] == 4
     assert set(summary["test"]) == {"test_accuracy", "test_f1", "test_fbeta", "test_loss"}
     assert summary["test_size"] == 60
+    # the trials trained from the prefix cache (lora.last_n=2 of 4: the inputs of layer 2); the best checkpoint's val
+    # metrics through the full model match what its trial reported from the cache
+    check = summary["prefix_cache"]
+    assert check["cuts"] == [2] and check["where"] == "memory" and check["best_trial_cut"] == 2
+    assert check["max_abs_diff"] < 1e-5 and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
+    assert (df["trainable_params"] > 0).all()
     assert f"Results: {exp}" in run.stdout and "test split:" in run.stdout
 
     cfg = load_config(exp / "best" / "best_config.yaml")
@@ -263,8 +270,10 @@ def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, proc
 
     cfg = load_config(config)
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    # the sweep's trial trained from the prefix cache a Ray task built; one built here holds the same bits
+    cache = build_in_memory(cfg, data, plan_prefix(cfg, load_model_config(cfg.model), data))
     rows: list[dict] = []
-    fit(cfg, data, lambda r, d: rows.append(r), num_threads=int(cfg.sweep.cpus_per_trial))
+    fit(cfg, data, lambda r, d: rows.append(r), num_threads=int(cfg.sweep.cpus_per_trial), prefix=cache)
     uninterrupted = pd.DataFrame(rows)[EPOCH]
     pd.testing.assert_frame_equal(hist[EPOCH].reset_index(drop=True), uninterrupted, check_exact=True)
 
