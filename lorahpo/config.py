@@ -159,6 +159,18 @@ class SweepConfig:
     name: str = "lora_sweep"
     num_samples: int = 8
     max_concurrent_trials: int = 1
+    """How many trials run at once. A deterministic sweep's results do not depend on it (--resume accepts another
+    value); an asynchronous sweep's do."""
+    deterministic: bool = True
+    """The trials (params, per-epoch metrics, stop decisions) and the best trial are a function of the config and seed
+    alone, at any concurrency, timing or node count: the searcher plans `trials_per_batch` trials at a time from
+    finished results in trial-number order, and early stopping decides in trial-number order (a trial that reaches a
+    rung before the trials it is compared with waits, paused). False: asynchronous TPE + ASHA, which decide in
+    arrival order (fastest use of slots, reproducible in distribution only)."""
+    trials_per_batch: int = 4
+    """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
+    batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
+    (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -185,6 +197,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
+        if self.trials_per_batch < 1:
+            raise UserError(f"sweep.trials_per_batch={self.trials_per_batch} must be >= 1 (e.g. 4)")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
