@@ -5,6 +5,7 @@ trainable with its resources, callbacks, and the Tuner, new or restored."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from lorahpo.ordered import BatchSearcher, OrderedScheduler
 from lorahpo.space import optuna_space
 from lorahpo.storage import display, experiment_dir, storage, storage_failure
 from lorahpo.trainable import tune_trial
+
+log = logging.getLogger(__name__)
 
 
 def make_searcher(cfg: ExperimentConfig) -> Searcher:
@@ -77,20 +80,26 @@ def trial_dirname(trial: Any) -> str:
 FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-# Tests only: {"<n>": seconds} waited before trial_<n>_* starts (and each time it resumes), to reorder when trials
-# report. A deterministic sweep must give the same trials whatever the order; tests/test_sweep.py checks it.
+# Tests only: {"<n>": [seconds, seconds]}: trial_<n>_* waits the first before it starts, the second before it resumes
+# from a checkpoint (after a pause or a failure), and logs its pid. Reorders when trials report, and opens a window in
+# which to kill a trial's worker; a deterministic sweep must give the same trials all the same (tests/test_sweep.py).
 TEST_DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"
 
 
-def test_delay(trial_dir: str) -> float:
+def injected_delay(trial_dir: str, resuming: bool) -> float:
     delays = json.loads(os.environ.get(TEST_DELAYS_ENV) or "{}")
-    return float(delays.get(str(int(os.path.basename(trial_dir).split("_")[1])), 0.0))
+    first, later = delays.get(str(int(os.path.basename(trial_dir).split("_")[1])), (0.0, 0.0))
+    return float(later if resuming else first)
 
 
 def trial_with_env(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
     os.environ.update(env)  # before the trial loads a model
     if os.environ.get(TEST_DELAYS_ENV):
-        time.sleep(test_delay(tune.get_context().get_trial_dir()))
+        trial_dir = tune.get_context().get_trial_dir()
+        seconds = injected_delay(trial_dir, resuming=tune.get_checkpoint() is not None)
+        if seconds:
+            log.warning("test delay: %s waits %.0f s in pid %d", os.path.basename(trial_dir), seconds, os.getpid())
+            time.sleep(seconds)
     tune_trial(params, base, data)
 
 

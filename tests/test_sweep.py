@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 from pathlib import Path
 
@@ -20,7 +21,18 @@ from lorahpo.results import load_experiment, load_journal
 from lorahpo.sources import load_tokenizer
 from lorahpo.trainable import fit
 
-from .conftest import cli, cli_background, snapshot_trials, tiny_args, tiny_config, wait_for
+from .conftest import (
+    DELAYS_ENV,
+    DET_SWEEP,
+    cli,
+    cli_background,
+    first_report_times,
+    snapshot_trials,
+    sweep_record,
+    tiny_args,
+    tiny_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 VAL = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_f1", "val_fbeta"]
@@ -82,6 +94,7 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
             "sweep.reduction_factor": 2,
             "sweep.storage_path": str(tmp_path / "store"),
             "sweep.name": "e2e",
+            "sweep.deterministic": False,  # the asynchronous path, as before deterministic sweeps existed
         },
     )
     run = cli(["--config", str(config)])
@@ -132,48 +145,40 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     assert model.peft_config["default"].r == best["param.lora.r"]
 
 
-def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
-    def sweep(name: str, seed: int) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
-        run = cli(
-            tiny_args(
-                tmp_path,
-                **{
-                    "sweep.name": name,
-                    "seed": seed,
-                    "sweep.num_samples": 3,
-                    "sweep.n_startup_trials": 2,
-                    "sweep.points_to_evaluate": "[]",
-                },
-            )
-        )
+def det_sweep(tmp_path: Path, name: str, slots: int, delays: dict | None = None) -> tuple[list[str], dict]:
+    """The CLI args of the deterministic sweep (tests/conftest.py DET_SWEEP) into tmp_path/name with `slots` trials
+    at once, and the environment that injects per-trial delays (lorahpo.tuner.TEST_DELAYS_ENV)."""
+    args = tiny_args(tmp_path, **DET_SWEEP, **{"sweep.name": name, "sweep.max_concurrent_trials": slots})
+    return args, ({DELAYS_ENV: json.dumps(delays)} if delays else {})
+
+
+def local_record(exp: Path) -> dict:
+    return sweep_record(lambda rel: (exp / rel).read_bytes())
+
+
+def test_sweep_is_reproducible_at_any_concurrency(det_reference: dict, tmp_path: Path) -> None:
+    """The same deterministic sweep one, two and three trials at a time, the first trials delayed so that they report
+    last: the same Optuna study, per-epoch metrics, stop reasons, best trial and test score."""
+    reference = det_reference["record"]
+    reasons = [t["stop_reason"] for t in reference["trials"]]
+    assert len(reasons) == 6 and "asha_stop" in reasons and "max_epochs" in reasons  # ASHA stops some, not all
+    for name in OUTPUTS:
+        assert (det_reference["path"] / name).is_file(), name
+    for slots, delays in ((2, {"1": [6, 0]}), (3, {"1": [8, 0], "2": [4, 0]})):
+        args, env = det_sweep(tmp_path, f"c{slots}", slots, delays)
+        run = cli(args, env=env)
         assert run.returncode == 0, run.stderr[-3000:]
-        df = pd.read_parquet(tmp_path / name / "results.parquet")
-        curves = [pd.read_csv(tmp_path / name / "trials" / t / "metrics.csv")[VAL] for t in df["trial_id"]]
-        return df, curves
-
-    a, ca = sweep("a", 42)
-    b, cb = sweep("b", 42)
-    params = [c for c in a if c.startswith("param.")]
-    pd.testing.assert_frame_equal(a[params], b[params])
-    assert a["stop_reason"].tolist() == b["stop_reason"].tolist()
-    for x, y in zip(ca, cb):
-        pd.testing.assert_frame_equal(x, y, check_exact=True)
-    c, _ = sweep("c", 7)
-    assert not a[params].equals(c[params])
+        first = first_report_times(tmp_path / f"c{slots}")
+        assert first[slots] < first[1], first  # the delays reversed who reported first
+        assert local_record(tmp_path / f"c{slots}") == reference, slots
 
 
-def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None:
-    args = tiny_args(
-        tmp_path,
-        **{
-            "sweep.name": "kill",
-            "sweep.num_samples": 4,
-            "data.max_examples": 1500,
-            "train.max_epochs": 2,
-            "sweep.scheduler": "fifo",
-        },
-    )
-    proc = cli_background(args, tmp_path / "driver.log")
+def test_driver_killed_then_resume_finishes(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """A deterministic sweep, three trials at a time, its driver SIGKILLed mid-sweep; --resume with two at a time
+    ends with the trials of the uninterrupted one-at-a-time run."""
+    args, env = det_sweep(tmp_path, "kill", 3, {"5": [120, 0]})  # trial 5 waits: the sweep is mid-flight then
+    log = tmp_path / "driver.log"
+    proc = cli_background(args, log, env=env)
     procs.append(proc)
     exp = tmp_path / "kill"
 
@@ -181,28 +186,45 @@ def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None
         states = sorted(exp.glob("experiment_state-*.json"))
         return snapshot_trials(states[-1].read_text()) if states else set()
 
-    # kill once the second trial has reported and is in the persisted state (one trial done, one mid-flight)
     wait_for(
-        lambda: (
-            len(snapshot()) >= 2
-            and sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2
-        ),
+        lambda: len(snapshot()) >= 5 and "test delay: trial_005" in log.read_text(),
         timeout=300,
-        what="two trials reporting, both in the experiment state",
+        what="five trials in the experiment state, trial 5 waiting",
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     before = snapshot()
     assert not (exp / "results.parquet").exists()
 
-    run = cli(["--resume", *args])
+    resume, _ = det_sweep(tmp_path, "kill", 2)  # another max_concurrent_trials: a deterministic sweep accepts it
+    run = cli(["--resume", *resume])
     assert run.returncode == 0, run.stderr[-3000:]
     df = pd.read_parquet(exp / "results.parquet")
-    assert len(df) == 4 and df["trial_id"].is_unique
+    assert len(df) == 6 and df["trial_id"].is_unique
     assert before <= set(df["trial_id"])  # the trials Tune had recorded were kept, not rerun under new ids
-    params = [c for c in df if c.startswith("param.")]
-    assert not df[params].duplicated().any()
-    assert (df["epochs"] == 2).all() and (df["stop_reason"] == "max_epochs").all()
+    assert local_record(exp) == det_reference["record"]
+
+
+def test_worker_killed_in_a_parallel_deterministic_sweep(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """Two trials at a time; trial 1 starts late, so trials 2-4 report epoch 1 first and wait, paused. A trial that
+    then resumes from its epoch-1 checkpoint has its worker SIGKILLed before its next report: Tune retries it from
+    that checkpoint, and the sweep ends with the undisturbed run's trials, values and stop decisions."""
+    reference = det_reference["record"]
+    victim = next((t["n"] for t in reference["trials"] if 2 <= t["n"] <= 4 and t["epochs"] == 2), None)
+    assert victim is not None, "no trial of 2-4 continues past epoch 1 in the reference: nothing to kill mid-run"
+    args, env = det_sweep(tmp_path, "wkill", 2, {"1": [8, 0], str(victim): [0, 8]})
+    log = tmp_path / "driver.log"
+    proc = cli_background(args, log, env=env)
+    procs.append(proc)
+    waits = re.compile(rf"test delay: trial_{victim:03d}_\w+ waits 8 s in pid (\d+)")
+    pid = int(wait_for(lambda: waits.findall(log.read_text()), 300, f"trial {victim} resuming")[0])
+    os.kill(pid, signal.SIGKILL)  # resumed from its checkpoint, before its next report
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+    assert len(waits.findall(log.read_text())) == 2  # the retry resumed from the checkpoint too
+    curve = pd.read_csv(next((tmp_path / "wkill").glob(f"trial_{victim:03d}_*/progress.csv")))
+    assert curve["epoch"].tolist() == [1, 2] and curve["pid"].iloc[-1] != pid  # none lost, none repeated
+    assert local_record(tmp_path / "wkill") == reference
 
 
 def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, procs: list) -> None:
@@ -251,5 +273,6 @@ def test_dry_run_trains_nothing(tmp_path: Path) -> None:
     run = cli(tiny_args(tmp_path / "store", **{"sweep.num_samples": 5, "train.max_epochs": 3}) + ["--dry-run"])
     assert run.returncode == 0, run.stderr
     assert "5 trials x up to 3 epochs = at most 15 trial-epochs" in run.stdout
+    assert "mode: 'deterministic: trials planned 4 at a time" in run.stdout
     assert "search_space:" in run.stdout and "storage:" in run.stdout and "resources:" in run.stdout
     assert not (tmp_path / "store").exists()
