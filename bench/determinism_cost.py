@@ -6,7 +6,7 @@ Simulated (bench/simulate.py): the real searchers and schedulers, driven in Tune
 trials from a synthetic task shaped like the default sweep (see `landscape`). Simulated seconds, not measured ones:
 the numbers are exact and the same on any machine, so this runs anywhere in about a minute.
 
-    python bench/determinism_cost.py                         # the recorded run (20 seeds; 8 and 32 trials)
+    python bench/determinism_cost.py                         # the recorded run (50 seeds; 8 and 32 trials)
     python bench/determinism_cost.py --smoke --out /tmp/d    # 2 seeds, 8 trials, 1-2 slots
 """
 
@@ -94,17 +94,25 @@ def compare(base: ExperimentConfig, trials: int, per_batch: int, slots: int, see
         return statistics.mean(r[mode][key] for r in runs)
 
     ratios = [r["det"]["wall_s"] / r["async"]["wall_s"] for r in runs]
+    gains = [r["det"]["best"] - r["async"]["best"] for r in runs]
     return {
         "trials": trials,
         "trials_per_batch": per_batch,
         "slots": slots,
         "wall_ratio_mean": statistics.mean(ratios),
-        "wall_ratio_median": statistics.median(ratios),
+        "wall_ratio_se": sem(ratios),
         # the wall time the same work takes at each mode's utilisation: the cost of scheduling alone
         "scheduling_ratio": mean("async", "utilisation") / mean("det", "utilisation"),
+        "best_diff_mean": statistics.mean(gains),
+        "best_diff_se": sem(gains),
         **{f"{mode}_{key}": mean(mode, key) for mode in ("det", "async") for key in runs[0]["det"]},
         "runs": runs,
     }
+
+
+def sem(values: list[float]) -> float:
+    """Standard error of the mean."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -112,33 +120,23 @@ def table(rows: list[dict[str, Any]]) -> str:
         "trials",
         "slots",
         "trials_per_batch",
-        "wall det / async (mean of seeds)",
+        "wall time det / async (mean ± se)",
+        "utilisation det / async",
         "utilisation async / det",
-        "wall s det",
-        "wall s async",
-        "utilisation det",
-        "utilisation async",
-        "best val F-beta det",
-        "best val F-beta async",
-        "trial-epochs det",
-        "trial-epochs async",
-        "pauses det",
+        "best val F-beta det − async (mean ± se)",
+        "trial-epochs det / async",
+        "pauses per sweep (det)",
     ]
     body = [
         [
             r["trials"],
             r["slots"],
             r["trials_per_batch"],
-            f"{r['wall_ratio_mean']:.3f}",
+            f"{r['wall_ratio_mean']:.3f} ± {r['wall_ratio_se']:.3f}",
+            f"{r['det_utilisation']:.3f} / {r['async_utilisation']:.3f}",
             f"{r['scheduling_ratio']:.3f}",
-            round(r["det_wall_s"]),
-            round(r["async_wall_s"]),
-            f"{r['det_utilisation']:.3f}",
-            f"{r['async_utilisation']:.3f}",
-            f"{r['det_best']:.4f}",
-            f"{r['async_best']:.4f}",
-            f"{r['det_trial_epochs']:.1f}",
-            f"{r['async_trial_epochs']:.1f}",
+            f"{r['best_diff_mean']:+.4f} ± {r['best_diff_se']:.4f}",
+            f"{r['det_trial_epochs']:.1f} / {r['async_trial_epochs']:.1f}",
             f"{r['det_pauses']:.1f}",
         ]
         for r in rows
@@ -149,7 +147,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="2 seeds, 8 trials, 1-2 slots (seconds)")
-    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=50)
     p.add_argument("--out", type=Path, default=DOCS_DIR / "determinism_cost")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # OptunaSearch announces its study in every run

@@ -118,3 +118,22 @@ def test_gpu_flops_formula() -> None:
     fpt = flops_per_token(LLAMA32_3B, 512, 14, 16, ["q_proj", "k_proj", "v_proj", "o_proj"])
     # forward ~ 2 x 2.82e9 linear + attention, backward ~ half of it (14 of 28 layers): ~8.8 GFLOP per token
     assert 8.6e9 < fpt < 9.0e9
+
+
+def test_determinism_cost_smoke(tmp_path: Path) -> None:
+    res = run_smoke("determinism_cost.py", tmp_path)
+    assert res["simulated"] and [(r["slots"], r["trials_per_batch"]) for r in res["rows"]] == [
+        (1, 1),
+        (1, 4),
+        (2, 2),
+        (2, 4),
+    ]
+    for r in res["rows"]:
+        assert 0 < r["det_utilisation"] <= 1 and 0 < r["async_utilisation"] <= 1 and positive(r["wall_ratio_mean"])
+        for run in r["runs"]:
+            assert run["det"]["trial_epochs"] >= 8 and 0 < run["det"]["best"] <= 1
+    # a deterministic sweep with the same trials_per_batch is the same sweep at 1 and 2 slots
+    same = [r for r in res["rows"] if r["trials_per_batch"] == 4]
+    for one, two in zip(same[0]["runs"], same[1]["runs"]):
+        assert (one["det"]["best"], one["det"]["trial_epochs"]) == (two["det"]["best"], two["det"]["trial_epochs"])
+    assert same[0]["det_utilisation"] == 1.0 and same[1]["det_utilisation"] < 1.0
