@@ -228,13 +228,15 @@ class ExperimentConfig:
             raise UserError(f"seed={self.seed} must be a non-negative integer")
         for key, spec in self.search.items():
             _validate_spec(key, spec)
-        for point in self.sweep.points_to_evaluate:
+        for i, point in enumerate(self.sweep.points_to_evaluate):
             extra = sorted(set(point) - set(self.search))
             if extra:
                 raise UserError(
                     f"sweep.points_to_evaluate names {extra}, which are not in the search space "
                     f"{sorted(self.search)}; add them to search or drop them from the point"
                 )
+            for key, value in point.items():
+                _validate_point_value(f"sweep.points_to_evaluate[{i}].{key}", value, self.search[key])
 
 
 def tuning_metric(cfg: ExperimentConfig) -> str:
@@ -262,6 +264,18 @@ def _validate_spec(key: str, spec: ParamSpec) -> None:
         raise UserError(f"search.{key}: a log scale needs low > 0 (got low={spec.low})")
     if spec.type == "int" and (spec.low != int(spec.low) or spec.high != int(spec.high)):
         raise UserError(f"search.{key}: int bounds must be whole numbers")
+
+
+def _validate_point_value(name: str, value: Any, spec: ParamSpec) -> None:
+    """A point to evaluate must lie in the search space: the sampler is told it as a trial of that space."""
+    if spec.type == "categorical":
+        inside = value in (spec.choices or ())
+        where = f"one of {list(spec.choices or ())}"
+    else:
+        inside = isinstance(value, (int, float)) and not isinstance(value, bool) and spec.low <= value <= spec.high
+        where = f"in [{spec.low}, {spec.high}]"
+    if not inside:
+        raise UserError(f"{name}={value!r} is outside the search space ({where}); change the point or widen search")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

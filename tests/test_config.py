@@ -94,3 +94,12 @@ def test_frozen() -> None:
     cfg = load_config()
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_points_to_evaluate_must_lie_in_the_search_space() -> None:
+    """A deterministic sweep tells each batch's sampler the earlier trials as trials of the space."""
+    with pytest.raises(UserError, match=r"sweep.points_to_evaluate\[0\].train.lr=0.5 is outside the search space"):
+        load_config(None, ["sweep.points_to_evaluate=[{train.lr: 0.5}]"])
+    with pytest.raises(UserError, match=r"points_to_evaluate\[1\].lora.r=5 is outside .*one of \[4, 8, 16\]"):
+        load_config(None, ["sweep.points_to_evaluate=[{lora.r: 8}, {lora.r: 5}]"])
+    assert load_config(None, ["sweep.points_to_evaluate=[{lora.last_n: 4, train.lr: 5.0e-3}]"])

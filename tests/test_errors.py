@@ -195,6 +195,10 @@ def test_config_point_outside_space(run) -> None:
     assert "names ['train.batch_size'], which are not in the search space" in run(
         "sweep.points_to_evaluate=[{train.batch_size: 8}]"
     )
+    assert "sweep.points_to_evaluate[0].train.lr=0.5 is outside the search space (in [0.0003, 0.005])" in run(
+        "sweep.points_to_evaluate=[{train.lr: 0.5}]"
+    )
+    assert "sweep.trials_per_batch=0 must be >= 1" in run("sweep.trials_per_batch=0")
 
 
 def test_config_file_missing_and_invalid(run, tmp_path: Path) -> None:
