@@ -80,26 +80,31 @@ def trial_dirname(trial: Any) -> str:
 FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-# Tests only: {"<n>": [seconds, seconds]}: trial_<n>_* waits the first before it starts, the second before it resumes
-# from a checkpoint (after a pause or a failure), and logs its pid. Reorders when trials report, and opens a window in
-# which to kill a trial's worker; a deterministic sweep must give the same trials all the same (tests/test_sweep.py).
+# Tests only: {"<n>": [first, later]}: trial_<n>_* waits `first` before it starts and `later` before it resumes from a
+# checkpoint (after a pause or a failure), each a number of seconds or the path of a file the test creates when the
+# trial may go on; it logs its pid. This reorders when trials report and opens a window in which to kill a trial's
+# worker; a deterministic sweep must give the same trials all the same (tests/test_sweep.py).
 TEST_DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"
 
 
-def injected_delay(trial_dir: str, resuming: bool) -> float:
+def injected_wait(trial_dir: str, resuming: bool) -> None:
     delays = json.loads(os.environ.get(TEST_DELAYS_ENV) or "{}")
-    first, later = delays.get(str(int(os.path.basename(trial_dir).split("_")[1])), (0.0, 0.0))
-    return float(later if resuming else first)
+    wait = delays.get(str(int(os.path.basename(trial_dir).split("_")[1])), (0, 0))[1 if resuming else 0]
+    if not wait:
+        return
+    log.warning("test delay: %s waits for %s in pid %d", os.path.basename(trial_dir), wait, os.getpid())
+    if isinstance(wait, str):
+        deadline = time.monotonic() + 600  # a test that died creates nothing: go on eventually
+        while not os.path.exists(wait) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    else:
+        time.sleep(wait)
 
 
 def trial_with_env(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
     os.environ.update(env)  # before the trial loads a model
     if os.environ.get(TEST_DELAYS_ENV):
-        trial_dir = tune.get_context().get_trial_dir()
-        seconds = injected_delay(trial_dir, resuming=tune.get_checkpoint() is not None)
-        if seconds:
-            log.warning("test delay: %s waits %.0f s in pid %d", os.path.basename(trial_dir), seconds, os.getpid())
-            time.sleep(seconds)
+        injected_wait(tune.get_context().get_trial_dir(), resuming=tune.get_checkpoint() is not None)
     tune_trial(params, base, data)
 
 

@@ -50,7 +50,8 @@ def snapshot_trials(experiment_state: bytes | str) -> set[str]:
     """Trial directories in a Tune experiment-state snapshot (experiment_state-*.json): what --resume restores. Ray Tune
     writes one about every 10 s, so a trial started since the last one is not in it (--resume runs it again)."""
     state = json.loads(experiment_state)
-    return {json.loads(trial)["relative_logdir"] for trial, _ in state["trial_data"]}
+    logdirs = {json.loads(trial)["relative_logdir"] for trial, _ in state["trial_data"]}
+    return logdirs - {None}  # a trial not started yet has no directory (a deterministic sweep queues trials early)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
@@ -168,8 +169,26 @@ def sweep_record(read: Callable[[str], bytes]) -> dict:
 
 
 def first_report_times(exp: Path) -> dict[int, float]:
-    """When each trial (by number) reported its first epoch."""
-    return {
-        int(p.parent.name.split("_")[1]): float(pd.read_csv(p)["timestamp"].iloc[0])
-        for p in exp.glob("trial_*/progress.csv")
-    }
+    """When each trial (by number) reported its first epoch (so far)."""
+    times = {}
+    for p in exp.glob("trial_*/progress.csv"):
+        try:
+            times[int(p.parent.name.split("_")[1])] = float(pd.read_csv(p)["timestamp"].iloc[0])
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, IndexError, KeyError, OSError):
+            pass  # being written
+    return times
+
+
+def release_in_order(exp: Path, gates: dict[int, tuple[Path, list[int]]], timeout: float = 300) -> None:
+    """Create each gate file (trial n waits for it, see lorahpo.tuner.TEST_DELAYS_ENV) once the trials listed with
+    it have reported their first epoch."""
+    pending = dict(gates)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        reported = first_report_times(exp)
+        for n, (gate, after) in list(pending.items()):
+            if all(m in reported for m in after):
+                gate.touch()
+                del pending[n]
+        time.sleep(0.2)
+    assert not pending, f"trials {sorted(pending)} were never released: {first_report_times(exp)}"

@@ -27,6 +27,7 @@ from .conftest import (
     cli,
     cli_background,
     first_report_times,
+    release_in_order,
     snapshot_trials,
     sweep_record,
     tiny_args,
@@ -156,20 +157,25 @@ def local_record(exp: Path) -> dict:
     return sweep_record(lambda rel: (exp / rel).read_bytes())
 
 
-def test_sweep_is_reproducible_at_any_concurrency(det_reference: dict, tmp_path: Path) -> None:
-    """The same deterministic sweep one, two and three trials at a time, the first trials delayed so that they report
-    last: the same Optuna study, per-epoch metrics, stop reasons, best trial and test score."""
+def test_sweep_is_reproducible_at_any_concurrency(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """The same deterministic sweep one, two and three trials at a time, the first trials held back until the later
+    ones have reported (so they report in reverse order): the same Optuna study, per-epoch metrics, stop reasons,
+    best trial and test score."""
     reference = det_reference["record"]
     reasons = [t["stop_reason"] for t in reference["trials"]]
     assert len(reasons) == 6 and "asha_stop" in reasons and "max_epochs" in reasons  # ASHA stops some, not all
     for name in OUTPUTS:
         assert (det_reference["path"] / name).is_file(), name
-    for slots, delays in ((2, {"1": [6, 0]}), (3, {"1": [8, 0], "2": [4, 0]})):
-        args, env = det_sweep(tmp_path, f"c{slots}", slots, delays)
-        run = cli(args, env=env)
-        assert run.returncode == 0, run.stderr[-3000:]
+    for slots in (2, 3):
+        # trial n (n < slots) starts once trial n+1 has reported its first epoch: they report slots, ..., 2, 1
+        gates = {n: (tmp_path / f"go{slots}-{n}", [n + 1]) for n in range(1, slots)}
+        args, env = det_sweep(tmp_path, f"c{slots}", slots, {str(n): [str(g), 0] for n, (g, _) in gates.items()})
+        proc = cli_background(args, tmp_path / f"c{slots}.log", env=env)
+        procs.append(proc)
+        release_in_order(tmp_path / f"c{slots}", gates)
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"c{slots}.log").read_text()[-3000:]
         first = first_report_times(tmp_path / f"c{slots}")
-        assert first[slots] < first[1], first  # the delays reversed who reported first
+        assert sorted(range(1, slots + 1), key=first.get) == list(range(slots, 0, -1)), first  # reversed
         assert local_record(tmp_path / f"c{slots}") == reference, slots
 
 
@@ -206,17 +212,19 @@ def test_driver_killed_then_resume_finishes(det_reference: dict, tmp_path: Path,
 
 
 def test_worker_killed_in_a_parallel_deterministic_sweep(det_reference: dict, tmp_path: Path, procs: list) -> None:
-    """Two trials at a time; trial 1 starts late, so trials 2-4 report epoch 1 first and wait, paused. A trial that
+    """Two trials at a time; trial 1 is held back until trials 2-4 have reported epoch 1 and wait, paused. A trial that
     then resumes from its epoch-1 checkpoint has its worker SIGKILLed before its next report: Tune retries it from
     that checkpoint, and the sweep ends with the undisturbed run's trials, values and stop decisions."""
     reference = det_reference["record"]
     victim = next((t["n"] for t in reference["trials"] if 2 <= t["n"] <= 4 and t["epochs"] == 2), None)
     assert victim is not None, "no trial of 2-4 continues past epoch 1 in the reference: nothing to kill mid-run"
-    args, env = det_sweep(tmp_path, "wkill", 2, {"1": [8, 0], str(victim): [0, 8]})
+    gate = tmp_path / "go"
+    args, env = det_sweep(tmp_path, "wkill", 2, {"1": [str(gate), 0], str(victim): [0, 8]})
     log = tmp_path / "driver.log"
     proc = cli_background(args, log, env=env)
     procs.append(proc)
-    waits = re.compile(rf"test delay: trial_{victim:03d}_\w+ waits 8 s in pid (\d+)")
+    release_in_order(tmp_path / "wkill", {1: (gate, [2, 3, 4])})
+    waits = re.compile(rf"test delay: trial_{victim:03d}_\w+ waits for 8 in pid (\d+)")
     pid = int(wait_for(lambda: waits.findall(log.read_text()), 300, f"trial {victim} resuming")[0])
     os.kill(pid, signal.SIGKILL)  # resumed from its checkpoint, before its next report
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
