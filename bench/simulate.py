@@ -59,6 +59,10 @@ class SimTrial:
         return self.params
 
     @property
+    def experiment_tag(self) -> str:
+        return str(self.number + 1)  # SearchGenerator's counter
+
+    @property
     def last_result(self) -> dict[str, Any]:
         return self.rows[-1] if self.rows else {}
 

@@ -16,12 +16,16 @@ earlier trials' results taken in that order, never of which trial reported first
 
 What both share (each trial's params and per-epoch tuning metric, whether it ended) lives in the searcher, because Tune
 checkpoints the searcher with every experiment snapshot and restores it on --resume; the scheduler keeps nothing that
-cannot be rebuilt from it. The pure functions (`rung_epochs`, `rung_decision`, `plan_batch`, `batch_gate_open`) are the
-whole policy; the two classes adapt them to Tune's calls (and bench/simulate.py drives the same classes).
+cannot be rebuilt from it. Tune saves the searcher and its trial list in separate files, uploaded in the background, so
+a driver killed during an upload can leave them out of step; Tune's trial list wins (see `BatchSearcher.confirm`).
+
+The pure functions (`rung_epochs`, `rung_decision`, `plan_batch`, `batch_gate_open`) are the whole policy; the two
+classes adapt them to Tune's calls (and bench/simulate.py drives the same classes).
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +39,7 @@ from ray.tune.search import Searcher
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.space import optuna_space
 
+log = logging.getLogger(__name__)
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
 EPOCH = "epoch"  # the trainable's 1-based count of completed epochs: the rung axis (ASHA's time_attr)
 EARLY_STOPPED = "early_stopped"  # set on the report that ends a trial by patience (trainable.EpochReporter)
@@ -162,6 +167,8 @@ class BatchSearcher(Searcher):
         self.index: dict[str, int] = {}
         self.batches: dict[int, list[dict[str, Any]]] = {}
         self.max_concurrent = cfg.sweep.max_concurrent_trials
+        self.confirmed: set[str] = set()  # trials Tune has added (not saved: Tune adds them again on --resume)
+        self.restored = False
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Tune's `max_concurrent_trials`: the scheduler admits at most this many running trials (True: Tune's
@@ -169,7 +176,34 @@ class BatchSearcher(Searcher):
         self.max_concurrent = max_concurrent
         return True
 
+    def confirm(self, trial_id: str, params: dict[str, Any], tag_number: int, live: bool) -> None:
+        """Tune added a trial (new, retried or restored). On --resume this reconciles the records with Tune's trials:
+        a trial Tune restored but the saved records lack (saved earlier) is recorded under its number; a trial Tune
+        will run again is not ended."""
+        if trial_id not in self.index and tag_number == len(self.records):
+            log.warning("the searcher's saved state lacks %s (the driver stopped mid-save); taken from Tune", trial_id)
+            self.index[trial_id] = tag_number
+            self.records.append(TrialRecord(trial_id, {k: params[k] for k in self.cfg.search if k in params}))
+        if trial_id in self.index:
+            self.confirmed.add(trial_id)
+            if live:
+                rec = self.records[self.index[trial_id]]
+                rec.ended = rec.failed = False
+
+    def forget_unconfirmed(self) -> None:
+        """Once after --resume: drop trials Tune did not restore (the newest trials of a searcher state saved after
+        Tune's trial list). They are suggested again, with the same params (each batch is a pure function)."""
+        while self.restored and self.records and self.records[-1].trial_id not in self.confirmed:
+            del self.index[self.records.pop().trial_id]
+        self.restored = False
+
+    def end(self, trial_id: str, failed: bool) -> None:
+        if trial_id in self.index and not self.records[self.index[trial_id]].ended:
+            rec = self.records[self.index[trial_id]]
+            rec.ended, rec.failed = True, failed
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self.forget_unconfirmed()
         n, per_batch = len(self.records), self.cfg.sweep.trials_per_batch
         if n >= self.cfg.sweep.num_samples:
             return Searcher.FINISHED
@@ -206,6 +240,7 @@ class BatchSearcher(Searcher):
     def set_state(self, state: dict[str, Any]) -> None:
         # in place: the scheduler holds this object, not its attributes
         self.records, self.index, self.batches = state["records"], state["index"], state["batches"]
+        self.confirmed, self.restored = set(), True
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -258,7 +293,9 @@ class OrderedScheduler(TrialScheduler):
         return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        pass
+        tag_number = int(str(trial.experiment_tag).split("_")[0] or 0) - 1  # SearchGenerator's counter, 1-based
+        live = trial.status not in (Trial.TERMINATED, Trial.ERROR)
+        self.searcher.confirm(trial.trial_id, dict(trial.config), tag_number, live)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         s = self.searcher
@@ -296,6 +333,8 @@ class OrderedScheduler(TrialScheduler):
         for t in trials:
             if t.status == Trial.PENDING and t.trial_id not in self.admitted:
                 tune_controller._set_trial_status(t, Trial.PAUSED)  # whitelisted for schedulers
+            elif t.status in (Trial.TERMINATED, Trial.ERROR):  # ended, whether or not the searcher was told
+                self.searcher.end(t.trial_id, failed=t.status == Trial.ERROR)
         chosen = None
         for t in trials:
             if t.status != Trial.PAUSED:

@@ -15,7 +15,16 @@ import pytest
 from ray.tune.schedulers import ASHAScheduler
 
 from lorahpo.config import ExperimentConfig
-from lorahpo.ordered import CONTINUE, STOP, BatchSearcher, TrialRecord, plan_batch, rung_decision, rung_epochs
+from lorahpo.ordered import (
+    CONTINUE,
+    STOP,
+    BatchSearcher,
+    OrderedScheduler,
+    TrialRecord,
+    plan_batch,
+    rung_decision,
+    rung_epochs,
+)
 
 from .conftest import tiny_config
 
@@ -166,13 +175,44 @@ def test_searcher_state_round_trips(tmp_path: Path) -> None:
     cfg = cfg_for()
     a = BatchSearcher(cfg)
     for i in range(6):
-        a.suggest(f"t{i}")
+        a.confirm(f"t{i}", a.suggest(f"t{i}"), i, live=True)  # as Tune adds each suggested trial
     for i in range(3):
         a.on_trial_complete(f"t{i}", {"epoch": 2, "best_val_fbeta": 0.3 + 0.1 * i})
     a.save(str(tmp_path / "s.pkl"))
     b = BatchSearcher(cfg)
     b.restore(str(tmp_path / "s.pkl"))
+    for i in range(6):  # Tune adds its restored trials
+        b.confirm(f"t{i}", {}, i, live=i >= 3)
     assert [a.suggest(f"t{i}") for i in range(6, 9)] == [b.suggest(f"t{i}") for i in range(6, 9)]
+
+
+def test_resume_reconciles_the_searcher_with_tunes_trials(tmp_path: Path) -> None:
+    """A driver killed while Tune uploads its state can leave the saved searcher ahead of or behind Tune's trial
+    list. Tune's list wins: trials Tune never added are suggested again (same params), trials only Tune knows are
+    recorded, and a trial Tune ended is ended."""
+    cfg = cfg_for()
+    a = BatchSearcher(cfg)
+    params = [a.suggest(f"t{i}") for i in range(6)]
+    a.save(str(tmp_path / "ahead.pkl"))
+    ahead = BatchSearcher(cfg)
+    ahead.restore(str(tmp_path / "ahead.pkl"))
+    for i in range(4):  # Tune's trial list was saved before trials 4 and 5 were created
+        ahead.confirm(f"t{i}", params[i], i, live=True)
+    assert ahead.suggest("new4") == params[4] and ahead.number("new4") == 4 and "t5" not in ahead.index
+
+    behind = BatchSearcher(cfg)
+    for i in range(3):
+        behind.suggest(f"t{i}")
+    behind.confirm("t3", {**params[3], "extra": 1}, 3, live=True)  # restored by Tune, unknown to the searcher
+    assert behind.number("t3") == 3 and behind.records[3].params == params[3]
+    assert behind.suggest("t4") == params[4]
+
+    scheduler = OrderedScheduler(cfg, behind)
+    gone = type("T", (), {"trial_id": "t1", "status": "TERMINATED"})()
+    controller = type("C", (), {"get_trials": lambda self: [gone]})()
+    assert not behind.records[1].ended
+    scheduler.choose_trial_to_run(controller)  # ended without the searcher being told (e.g. a failed actor reuse)
+    assert behind.records[1].ended and not behind.records[1].failed
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "random"])
