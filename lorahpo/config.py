@@ -180,7 +180,8 @@ class SweepConfig:
     """S3-compatible endpoint (MinIO, moto, ...), e.g. http://127.0.0.1:9000; None uses AWS."""
     searcher: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = 4
-    """TPE samples at random for this many trials before it models the space."""
+    """TPE samples at random until it has this many finished trials to model the space from (deterministic sweeps:
+    the finished trials a batch is planned from, so with 4 per batch TPE models from batch 2 on when this is 4)."""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
     """Configs tried first (e.g. a sensible untuned default as trial 0), as dotted-key dicts."""
     scheduler: Literal["asha", "fifo"] = "asha"
