@@ -194,7 +194,9 @@ class BatchSearcher(Searcher):
         """Once after --resume: drop trials Tune did not restore (the newest trials of a searcher state saved after
         Tune's trial list). They are suggested again, with the same params (each batch is a pure function)."""
         while self.restored and self.records and self.records[-1].trial_id not in self.confirmed:
-            del self.index[self.records.pop().trial_id]
+            lost = self.records.pop().trial_id
+            del self.index[lost]
+            log.warning("Tune's saved trials lack %s (the driver stopped mid-save); it is suggested again", lost)
         self.restored = False
 
     def end(self, trial_id: str, failed: bool) -> None:
