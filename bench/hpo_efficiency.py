@@ -47,6 +47,7 @@ SCALED = {  # what the recorded run changes in configs/default.yaml (and why: CP
     "data.max_examples": 1500,
     "data.max_length": 48,
     "train.max_epochs": 3,
+    "sweep.deterministic": False,  # the recorded run predates deterministic sweeps: keep its algorithm
 }
 SMOKE = {
     "model.name": "tiny-random-llama",
@@ -54,6 +55,7 @@ SMOKE = {
     "data.max_examples": 200,
     "data.max_length": 32,
     "train.max_epochs": 2,
+    "sweep.deterministic": False,
 }
 REFERENCE = "random_fifo"
 

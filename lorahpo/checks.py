@@ -67,8 +67,11 @@ def check_points(cfg: ExperimentConfig) -> None:
                 raise UserError(f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it")
 
 
-# Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may.
+# Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may, except
+# in a deterministic sweep how many trials run at once: its results do not depend on it. (An asynchronous sweep's do,
+# and Tune would keep the first run's limit anyway.)
 RELOCATABLE = {"sweep.storage_path", "sweep.s3_endpoint"}
+DETERMINISTIC_RELOCATABLE = RELOCATABLE | {"sweep.max_concurrent_trials"}
 
 
 def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = False) -> None:
@@ -126,7 +129,9 @@ def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str
         raise UserError(
             f"--resume: {where} has no config.yaml; it was not started by tune_lora.py and cannot be resumed"
         )
-    diff = config_diff(config_from_yaml(stored_yaml), cfg, ignore=RELOCATABLE)
+    stored = config_from_yaml(stored_yaml)
+    both = stored.sweep.deterministic and cfg.sweep.deterministic
+    diff = config_diff(stored, cfg, ignore=DETERMINISTIC_RELOCATABLE if both else RELOCATABLE)
     if diff:
         raise UserError(
             f"--resume with a config that differs from the interrupted sweep's ({'; '.join(diff)}); resume with "

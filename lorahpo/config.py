@@ -160,6 +160,18 @@ class SweepConfig:
     name: str = "lora_sweep"
     num_samples: int = 8
     max_concurrent_trials: int = 1
+    """How many trials run at once. A deterministic sweep's results do not depend on it (--resume accepts another
+    value); an asynchronous sweep's do."""
+    deterministic: bool = True
+    """The trials (params, per-epoch metrics, stop decisions) and the best trial are a function of the config and seed
+    alone, at any concurrency, timing or node count: the searcher plans `trials_per_batch` trials at a time from
+    finished results in trial-number order, and early stopping decides in trial-number order (a trial that reaches a
+    rung before the trials it is compared with waits, paused). False: asynchronous TPE + ASHA, which decide in
+    arrival order (fastest use of slots, reproducible in distribution only)."""
+    trials_per_batch: int = 4
+    """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
+    batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
+    (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -169,7 +181,8 @@ class SweepConfig:
     """S3-compatible endpoint (MinIO, moto, ...), e.g. http://127.0.0.1:9000; None uses AWS."""
     searcher: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = 4
-    """TPE samples at random for this many trials before it models the space."""
+    """TPE samples at random until it has this many finished trials to model the space from (deterministic sweeps:
+    the finished trials a batch is planned from, so with 4 per batch TPE models from batch 2 on when this is 4)."""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
     """Configs tried first (e.g. a sensible untuned default as trial 0), as dotted-key dicts."""
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -198,6 +211,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
+        if self.trials_per_batch < 1:
+            raise UserError(f"sweep.trials_per_batch={self.trials_per_batch} must be >= 1 (e.g. 4)")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
@@ -234,7 +249,7 @@ class ExperimentConfig:
             raise UserError(f"seed={self.seed} must be a non-negative integer")
         for key, spec in self.search.items():
             _validate_spec(key, spec)
-        for point in self.sweep.points_to_evaluate:
+        for point in self.sweep.points_to_evaluate:  # complete, in range: checks.check_points
             extra = sorted(set(point) - set(self.search))
             if extra:
                 raise UserError(

@@ -142,3 +142,22 @@ def test_prefix_cache_smoke(tmp_path: Path) -> None:
     d = res["deeper"]["sweeps"]
     assert [(r["num_layers"], r["prefix_cache"]) for r in d] == [(4, False), (6, True)]
     assert all(0 <= r["best_val_fbeta"] <= 1 and positive(r["wall_s"]) for r in d)
+
+
+def test_determinism_cost_smoke(tmp_path: Path) -> None:
+    res = run_smoke("determinism_cost.py", tmp_path)
+    assert res["simulated"] and [(r["slots"], r["trials_per_batch"]) for r in res["rows"]] == [
+        (1, 1),
+        (1, 4),
+        (2, 2),
+        (2, 4),
+    ]
+    for r in res["rows"]:
+        assert 0 < r["det_utilisation"] <= 1 and 0 < r["async_utilisation"] <= 1 and positive(r["wall_ratio_mean"])
+        for run in r["runs"]:
+            assert run["det"]["trial_epochs"] >= 8 and 0 < run["det"]["best"] <= 1
+    # a deterministic sweep with the same trials_per_batch is the same sweep at 1 and 2 slots
+    same = [r for r in res["rows"] if r["trials_per_batch"] == 4]
+    for one, two in zip(same[0]["runs"], same[1]["runs"]):
+        assert (one["det"]["best"], one["det"]["trial_epochs"]) == (two["det"]["best"], two["det"]["trial_epochs"])
+    assert same[0]["det_utilisation"] == 1.0 and same[1]["det_utilisation"] < 1.0
