@@ -308,7 +308,7 @@ def rescore_best(cfg: ExperimentConfig, data: TaskData, summary: dict[str, Any])
         num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
     )
     ckpt = best_checkpoint(grid, summary["best_trial"], cfg)
-    scored = ray.get(task.remote(apply_overrides(cfg, summary["best_params"]), data, ckpt, f"{exp}/scoring.log", fs))
+    scored = ray.get(task.remote(apply_overrides(cfg, summary["best_params"]), data, ckpt, f"{exp}/rescoring.log", fs))
     recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}
     upload({"test_predictions.csv": predictions_table(data, scored["test_predictions"])}, exp, fs)
     return {**summary, **best_statistics(cfg, data, recorded, summary_test(summary), scored["test_predictions"])}

@@ -118,13 +118,21 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
     # run has finished and is in Tune's state (saved at every step here, not every 10 s); --final again continues the
     # runs (the finished one is not trained again) and gives the same block as in-sweep
     shutil.move(exp / "final_seeds2", tmp_path / "in_sweep_runs")
+    # ... and as a sweep finished before intervals existed: no test predictions, no interval, no gap in its summary
+    kept = (exp / "test_predictions.csv").read_text()
+    (exp / "test_predictions.csv").unlink()
+    old = {k: summary.pop(k) for k in ("test_ci95", "test_ci95_method", "val_test_gap", "final", "final_run")}
+    (exp / "summary.json").write_text(json.dumps(summary))
     proc = cli_background(args, tmp_path / "final.log", env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
     procs.append(proc)
     later = exp / "final_seeds2"
 
     def finished() -> dict[str, str]:  # runs in the latest state snapshot whose epoch is reported: their progress
         states = sorted(later.glob("experiment_state-*.json"))
-        known = snapshot_trials(states[-1].read_text()) if states else set()
+        try:
+            known = snapshot_trials(states[-1].read_text()) if states else set()
+        except json.JSONDecodeError:  # Tune is writing it (at every step here): poll again
+            return {}
         progress = {p.parent.name: p.read_text() for p in later.glob("*/progress.csv") if p.parent.name in known}
         return {name: text for name, text in progress.items() if len(text.splitlines()) >= 2}
 
@@ -137,5 +145,11 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name.rsplit("_", 2)[0] for p in later.iterdir() if p.is_dir()) == sorted(runs)
     assert {name: (later / name / "progress.csv").read_text() for name in done} == done  # not trained again
-    assert strict_json(exp / "summary.json")["final"] == final
+    rerun = strict_json(exp / "summary.json")
+    assert rerun["final"] == final
     assert len(json.loads((exp / "manifest.json").read_text())["finals"]) == 2
+    # the best checkpoint scored again: the same predictions, interval and gap as in the sweep
+    assert (exp / "test_predictions.csv").read_text() == kept
+    assert {k: rerun[k] for k in ("test_ci95", "test_ci95_method", "val_test_gap")} == {
+        k: old[k] for k in ("test_ci95", "test_ci95_method", "val_test_gap")
+    }
