@@ -233,6 +233,23 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class FinalConfig:
+    """The final evaluation after the search: the best config re-trained with fresh seeds next to the baseline, each
+    run's best-val checkpoint scored once on the test split (lorahpo/final.py). It never feeds back into the search."""
+
+    seeds: int = 0
+    """Fresh seeds per config (paired: the tuned and the baseline run i share seed i). 0 = off; k >= 2 gives the
+    gain an interval (a t interval over k paired differences). Each run costs about one trial."""
+    baseline: bool = True
+    """Also re-train the baseline: the first `sweep.points_to_evaluate` entry, else the config's own values for the
+    search space's keys. Without it there is no tuning gain, only the tuned config's spread over seeds."""
+
+    def __post_init__(self) -> None:
+        if self.seeds < 0:
+            raise UserError(f"final.seeds={self.seeds} must be >= 0 (0 turns the final evaluation off)")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 42
     """Root seed: the searcher's sampler and every trial (seeded before its model is built) derive from it."""
@@ -241,6 +258,7 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
     search: dict[str, ParamSpec] = field(default_factory=dict)
     """Search space keyed by dotted config path."""
 
@@ -249,6 +267,11 @@ class ExperimentConfig:
             raise UserError(f"seed={self.seed} must be a non-negative integer")
         for key, spec in self.search.items():
             _validate_spec(key, spec)
+        if self.final.seeds > 0 and self.data.split[2] == 0:
+            raise UserError(
+                f"final.seeds={self.final.seeds} scores runs on the test split, but data.split={list(self.data.split)} "
+                "has none; give it one (e.g. data.split=[0.7,0.15,0.15]) or set final.seeds=0"
+            )
         for point in self.sweep.points_to_evaluate:  # complete, in range: checks.check_points
             extra = sorted(set(point) - set(self.search))
             if extra:

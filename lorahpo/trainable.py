@@ -39,11 +39,11 @@ from lorahpo.config import ExperimentConfig, apply_overrides, dump_config, load_
 from lorahpo.data import TaskData, load_task, make_loader, split_rows
 from lorahpo.errors import UserError
 from lorahpo.model import build_classifier, trainable_parameters
-from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer
+from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer, score_split
 from lorahpo.prefix import PrefixCache, cut_for, open_prefix, split_states
 from lorahpo.repro import manifest, seed_everything_everywhere
 from lorahpo.sources import load_model_config, load_tokenizer, on_hub
-from lorahpo.storage import upload_dir
+from lorahpo.storage import upload_dir, write_bytes
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "trial.ckpt"
@@ -239,8 +239,8 @@ def score_and_export(
 ) -> dict[str, Any]:
     """The end of a sweep, for its best trial (run where a trial runs: same precision, same device, same threads):
     reload the best epoch's checkpoint, score val (a check: it must reproduce the recorded epoch) and the untouched
-    test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores
-    and best/'s format."""
+    test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores,
+    the per-example test predictions (split order) and best/'s format."""
     torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
     gpu = use_gpu(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,11 +248,28 @@ def score_and_export(
             with checkpoint.as_directory() as d:
                 module = load_trained(cfg, data, Path(d) / CKPT_NAME)
             val = evaluate(module, data.val, cfg, data.tokenizer, gpu)
-            test = evaluate(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else {}
+            test, preds = score_split(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else ({}, [])
             kind = export_best(module.cpu(), cfg, data, Path(tmp, "best"))
         upload_dir(Path(tmp), exp, fs)
     free_memory()
-    return {"val": val, "test": test, "format": kind}
+    return {"val": val, "test": test, "test_predictions": preds, "format": kind}
+
+
+def score_test(
+    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, log_path: str, fs: pyarrow.fs.FileSystem
+) -> dict[str, Any]:
+    """A final-evaluation run's best-val checkpoint scored ONCE on the test split, like `score_and_export` (where a
+    trial runs), without an export. Library logs go to `log_path` on the sweep's storage."""
+    torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        with library_logs(Path(tmp, "scoring.log")):
+            with checkpoint.as_directory() as d:
+                module = load_trained(cfg, data, Path(d) / CKPT_NAME)
+            test, preds = score_split(module, data.test, cfg, data.tokenizer, use_gpu(cfg))
+        with open(Path(tmp, "scoring.log"), "rb") as f:
+            write_bytes(fs, log_path, f.read())
+    free_memory()
+    return {"test": test, "test_predictions": preds}
 
 
 def free_memory() -> None:
