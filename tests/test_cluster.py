@@ -599,6 +599,9 @@ def test_storage_lost_mid_sweep_then_resume(cluster: Cluster, tmp_path: Path, pr
 def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
     """The worker node dies (SIGKILL of its whole process group) while its trial trains: the trial is retried on
     the head node from its last checkpoint in the bucket, and the sweep ends with every trial finished."""
+    # Epochs take ~1 s and the driver sees a result seconds after the worker sends it: the trial needs epochs
+    # left after the first ones seen (with 3 epochs it once finished before the kill landed).
+    epochs = 8
     c = Cluster()  # a cluster of its own: this one loses a node
     try:
         c.start()
@@ -608,7 +611,7 @@ def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
             "sweep.scheduler": "fifo",
             "sweep.max_failures": 2,
             "data.max_examples": 1500,
-            "train.max_epochs": 3,
+            "train.max_epochs": epochs,
         }
         proc = cli_background(["--address", c.address, *sweep_args(s3, name, **overrides)], tmp_path / "d.log", c.env)
         procs.append(proc)
@@ -632,12 +635,12 @@ def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
 
     df = pd.read_parquet(io.BytesIO(s3.read(f"{PREFIX}/{name}/results.parquet")))
     assert len(df) == 3 and df["trial_id"].is_unique and trial in set(df["trial_id"])
-    assert (df["epochs"] == 3).all() and (df["stop_reason"] == "max_epochs").all() and df["error"].isna().all()
+    assert (df["epochs"] == epochs).all() and (df["stop_reason"] == "max_epochs").all() and df["error"].isna().all()
     h = history(s3, name, trial)
-    assert h["epoch"].tolist() == [1, 2, 3], h[["epoch", "node_id", "pid"]]  # none lost, none repeated
+    assert h["epoch"].tolist() == list(range(1, epochs + 1)), h[["epoch", "node_id", "pid"]]  # none lost, none repeated
     on_worker = h[h["node_id"] == c.worker_id]
     assert len(on_worker) >= 1 and (h.iloc[len(on_worker) :]["node_id"] == c.head_id).all()
-    assert len(on_worker) < 3, "the node was killed before its trial finished"
+    assert len(on_worker) < epochs, "the node was killed before its trial finished"
     gap = h["timestamp"].iloc[len(on_worker)] - h["timestamp"].iloc[len(on_worker) - 1]
     print(
         f"\n[node lost] trial {trial}: epochs {on_worker['epoch'].tolist()} on the lost node, the rest on the head "
