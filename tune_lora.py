@@ -1,10 +1,11 @@
 """Tune LoRA adapters of a Llama-family sequence classifier: seeded TPE (Optuna) + ASHA on Ray Tune.
 
-    python tune_lora.py [--config PATH] [--resume | --overwrite] [--dry-run] [--address ADDR] [KEY=VALUE ...]
+    python tune_lora.py [--config PATH] [--resume | --overwrite | --final] [--dry-run] [--address ADDR] [KEY=VALUE ...]
 
 parse -> load_config -> sweep.prepare -> [--dry-run: print the plan] -> sweep.run -> print the summary.
+--final: parse -> load_config -> sweep.prepare_final -> [--dry-run: print its plan] -> sweep.run_final -> summary.
 Exit 0 on success; one line on stderr and 2 for a user error (before any training), 130 for an interrupted sweep
-(Ctrl-C; continue it with --resume), 1 when every trial failed.
+(Ctrl-C; continue it with --resume, or a final evaluation with --final), 1 when every trial (or a final run) failed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name and storage")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep of the same name (deletes it)")
+    p.add_argument(
+        "--final",
+        action="store_true",
+        help="the final evaluation of the finished sweep of the same name and storage: its best config and baseline "
+        "re-trained with final.seeds fresh seeds each, scored on the test split (only final.* may differ)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start locally)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=3e-4")
@@ -55,12 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        if args.final and (args.resume or args.overwrite):
+            raise UserError("--final evaluates a finished sweep; it takes neither --resume nor --overwrite")
         address = args.address or os.environ.get("RAY_ADDRESS")
-        data, plan = sweep.prepare(cfg, args.resume, args.overwrite, address, dry_run=args.dry_run)
+        if args.final:
+            data, plan = sweep.prepare_final(cfg, address, dry_run=args.dry_run)
+        else:
+            data, plan = sweep.prepare(cfg, args.resume, args.overwrite, address, dry_run=args.dry_run)
         if args.dry_run:
             print(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=120))
             return 0
-        summary = sweep.run(cfg, data, plan, address, args.resume, args.overwrite)
+        if args.final:
+            summary = sweep.run_final(cfg, data, plan, address)
+        else:
+            summary = sweep.run(cfg, data, plan, address, args.resume, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

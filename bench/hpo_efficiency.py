@@ -47,6 +47,7 @@ SCALED = {  # what the recorded run changes in configs/default.yaml (and why: CP
     "data.max_examples": 1500,
     "data.max_length": 48,
     "train.max_epochs": 3,
+    "sweep.deterministic": False,  # the recorded run predates deterministic sweeps: keep its algorithm
 }
 SMOKE = {
     "model.name": "tiny-random-llama",
@@ -54,6 +55,7 @@ SMOKE = {
     "data.max_examples": 200,
     "data.max_length": 32,
     "train.max_epochs": 2,
+    "sweep.deterministic": False,
 }
 REFERENCE = "random_fifo"
 
@@ -144,8 +146,12 @@ def run_method(base: Any, data: Any, method: str, seed: int, budget: int, work: 
 
     def test_score(trial_id: str, params: dict[str, Any]) -> dict[str, float]:
         trial_cfg = apply_overrides(cfg, params)
-        with best_checkpoint(grid, trial_id, cfg).as_directory() as d:
-            module = load_trained(trial_cfg, data, Path(d) / CKPT_NAME)
+        result = next(r for r in grid if Path(r.path).name == trial_id)
+        if result.best_checkpoints:
+            ckpt = best_checkpoint(grid, trial_id, cfg).path
+        else:  # the budget stopped the run as this trial's first epoch arrived: Tune wrote its checkpoint, unregistered
+            ckpt = str(Path(result.path) / "checkpoint_000000")
+        module = load_trained(trial_cfg, data, Path(ckpt) / CKPT_NAME)
         return {
             **{f"val_{k}": v for k, v in evaluate(module, data.val, trial_cfg, data.tokenizer).items()},
             **{f"test_{k}": v for k, v in evaluate(module, data.test, trial_cfg, data.tokenizer).items()},

@@ -44,6 +44,7 @@ from lorahpo import sweep
 from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, load_config, parse_overrides
 from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader
 from lorahpo.errors import Interrupted, SweepFailed, UserError
+from lorahpo.prefix import open_prefix
 from lorahpo.results import history, load_experiment, ordered, trial_id
 from lorahpo.sources import load_tokenizer
 from lorahpo.storage import experiment_dir, location, read_bytes
@@ -140,6 +141,8 @@ class TestEveryEpoch(L.Callback):
             return
         start = time.perf_counter()
         train = self.cfg.train
+        # ids only: the test split runs through the full model, as in a sweep's final scoring (lorahpo.prefix
+        # caches train and val; a batch without cached states takes the module's full-model path)
         loader = make_loader(self.data.test, self.data.tokenizer, train.eval_batch_size, self.cfg.seed, shuffle=False)
         was_training = module.training
         module.eval()
@@ -154,10 +157,11 @@ class TestEveryEpoch(L.Callback):
         self.latest = {f"test_{k}": scores[k] for k in METRICS} | {"test_time_s": time.perf_counter() - start}
 
 
-def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
-    """`lorahpo.trainable.tune_trial` with `TestEveryEpoch`: the same config, seed, data, resume and report, plus the
-    epoch's test scores in the report."""
+def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData, prefix: Any = None) -> None:
+    """`lorahpo.trainable.tune_trial` with `TestEveryEpoch`: the same config, seed, data, prefix cache, resume and
+    report, plus the epoch's test scores in the report."""
     cfg = apply_overrides(base, params)
+    cache = open_prefix(prefix, base, data) if prefix is not None else None
     scorer = TestEveryEpoch(data, cfg)
 
     def report(row: dict[str, Any], ckpt_dir: Path) -> None:
@@ -167,7 +171,8 @@ def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskD
 
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     ckpt = tune.get_checkpoint()
-    kwargs = {"num_threads": trial_threads(base), "gpu": use_gpu(base), "tags": tags, "callbacks": [scorer]}
+    kwargs = {"num_threads": trial_threads(base), "gpu": use_gpu(base), "tags": tags, "callbacks": [scorer],
+              "prefix": cache}  # fmt: skip
     with library_logs(Path(TRIAL_LOG).resolve()):
         try:
             if ckpt is None:
@@ -179,8 +184,8 @@ def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskD
             free_memory()
 
 
-def tabulation_trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
-    fn = tune.with_parameters(tabulation_trial, base=cfg, data=data)
+def tabulation_trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> Any:
+    fn = tune.with_parameters(tabulation_trial, base=cfg, data=data, prefix=prefix)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
 
 

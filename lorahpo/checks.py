@@ -17,6 +17,7 @@ from ray import tune
 from lorahpo.config import ExperimentConfig, config_diff, config_from_yaml
 from lorahpo.errors import UserError
 from lorahpo.repro import git_state, versions
+from lorahpo.schema import valid_keys
 from lorahpo.space import optuna_space
 from lorahpo.storage import SWEEP_MARKER, check_storage_shared, display, exists, experiment_dir, is_sweep, read_text
 
@@ -67,8 +68,13 @@ def check_points(cfg: ExperimentConfig) -> None:
                 raise UserError(f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it")
 
 
-# Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may.
+# Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may, except
+# in a deterministic sweep how many trials run at once: its results do not depend on it (an asynchronous sweep's do,
+# and Tune would keep the first run's limit anyway); and the final evaluation's keys: it runs after the search and
+# never feeds back into it (--final exists to change them).
 RELOCATABLE = {"sweep.storage_path", "sweep.s3_endpoint"}
+DETERMINISTIC_RELOCATABLE = RELOCATABLE | {"sweep.max_concurrent_trials"}
+FINAL_KEYS = {k for k in valid_keys(ExperimentConfig) if k.startswith("final.")}
 
 
 def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = False) -> None:
@@ -95,23 +101,25 @@ def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = Fals
         )
 
 
-def check_same_data(stored_manifest: str | None, data_info: dict[str, Any], where: str) -> None:
-    """--resume: the data (file contents) and the split must be those the sweep started with, or its trials would mix
-    two datasets. A different code version is allowed but said."""
+def check_same_data(stored_manifest: str | None, data_info: dict[str, Any], where: str, flag: str = "--resume") -> None:
+    """--resume, --final: the data (file contents) and the split must be those the sweep started with, or its trials
+    would mix two datasets (or the final runs score another test split). A different code version is allowed but
+    said."""
     stored = json.loads(stored_manifest) if stored_manifest else {}
     old = stored.get("data", {})
     for key, what in (("sha256", "the data file"), ("split_sha256", "the split")):
         if old.get(key) is not None and old.get(key) != data_info.get(key):
             raise UserError(
-                f"--resume: {what} differs from the one the sweep at {where} started with ({key} {old[key][:12]} -> "
+                f"{flag}: {what} differs from the one the sweep at {where} started with ({key} {old[key][:12]} -> "
                 f"{data_info[key][:12]}); restore it, or start a new sweep.name for the new data"
             )
     then, now = stored.get("git", {}), git_state()
     version = stored.get("versions", {}).get("lorahpo"), versions().get("lorahpo")
     if (then.get("sha"), then.get("dirty")) != (now["sha"], now["dirty"]) or version[0] != version[1]:
         log.warning(
-            "--resume with other code than the sweep started with (git %s%s -> %s%s, lorahpo %s -> %s): its trials "
+            "%s with other code than the sweep started with (git %s%s -> %s%s, lorahpo %s -> %s): its trials "
             "may not be comparable; manifest.json records both",
+            flag,
             then.get("sha"),
             " dirty" if then.get("dirty") else "",
             now["sha"],
@@ -126,12 +134,39 @@ def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str
         raise UserError(
             f"--resume: {where} has no config.yaml; it was not started by tune_lora.py and cannot be resumed"
         )
-    diff = config_diff(config_from_yaml(stored_yaml), cfg, ignore=RELOCATABLE)
+    stored = config_from_yaml(stored_yaml)
+    both = stored.sweep.deterministic and cfg.sweep.deterministic
+    diff = config_diff(stored, cfg, ignore=(DETERMINISTIC_RELOCATABLE if both else RELOCATABLE) | FINAL_KEYS)
     if diff:
         raise UserError(
             f"--resume with a config that differs from the interrupted sweep's ({'; '.join(diff)}); resume with "
             f"the same config (saved as {where}/config.yaml) or start a new sweep.name"
         )
+
+
+def check_finished(cfg: ExperimentConfig) -> None:
+    """--final: a finished sweep at the address (`sweep.storage_path` + `sweep.name`, as --resume addresses one), whose
+    config is this one except for `final.*`, with a best trial to evaluate."""
+    path, fs = experiment_dir(cfg)
+    where = display(cfg, experiment=True)
+    if cfg.final.seeds < 1:
+        raise UserError("--final needs final.seeds >= 1 (fresh seeds per config), e.g. final.seeds=3")
+    stored = read_text(fs, f"{path}/config.yaml")
+    if stored is None:
+        raise UserError(
+            f"--final: no sweep named {cfg.sweep.name!r} at {where}; check sweep.name and sweep.storage_path"
+        )
+    diff = config_diff(config_from_yaml(stored), cfg, ignore=RELOCATABLE | FINAL_KEYS)
+    if diff:
+        raise UserError(
+            f"--final with a config that differs from the sweep's in more than final.* ({'; '.join(diff)}); pass the "
+            f"sweep's config (saved as {where}/config.yaml) and change only final.seeds or final.baseline"
+        )
+    summary = read_text(fs, f"{path}/summary.json")
+    if summary is None:
+        raise UserError(f"--final: the sweep at {where} has not finished (no summary.json); finish it with --resume")
+    if json.loads(summary).get("best_trial") is None:
+        raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
 
 
 def cpu_has_bf16() -> bool:

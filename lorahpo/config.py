@@ -162,6 +162,18 @@ class SweepConfig:
     name: str = "lora_sweep"
     num_samples: int = 8
     max_concurrent_trials: int = 1
+    """How many trials run at once. A deterministic sweep's results do not depend on it (--resume accepts another
+    value); an asynchronous sweep's do."""
+    deterministic: bool = True
+    """The trials (params, per-epoch metrics, stop decisions) and the best trial are a function of the config and seed
+    alone, at any concurrency, timing or node count: the searcher plans `trials_per_batch` trials at a time from
+    finished results in trial-number order, and early stopping decides in trial-number order (a trial that reaches a
+    rung before the trials it is compared with waits, paused). False: asynchronous TPE + ASHA, which decide in
+    arrival order (fastest use of slots, reproducible in distribution only)."""
+    trials_per_batch: int = 4
+    """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
+    batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
+    (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -171,7 +183,8 @@ class SweepConfig:
     """S3-compatible endpoint (MinIO, moto, ...), e.g. http://127.0.0.1:9000; None uses AWS."""
     searcher: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = 4
-    """TPE samples at random for this many trials before it models the space."""
+    """TPE samples at random until it has this many finished trials to model the space from (deterministic sweeps:
+    the finished trials a batch is planned from, so with 4 per batch TPE models from batch 2 on when this is 4)."""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
     """Configs tried first (e.g. a sensible untuned default as trial 0), as dotted-key dicts."""
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -189,10 +202,19 @@ class SweepConfig:
     files and HParams in each trial's directory), mlflow (MLFLOW_TRACKING_URI; experiment = sweep.name, trial runs
     nested under a sweep run; `pip install 'lorahpo[mlflow]'`), wandb (WANDB_PROJECT, WANDB_MODE=offline; trial runs
     grouped by sweep.name; `pip install 'lorahpo[wandb]'`)."""
+    prefix_cache: bool = True
+    """Run the frozen layers below the trials' lowest LoRA layer once per sweep (over train, val and test) and train
+    every trial from their cached hidden states: each trial then pays only for the layers it trains. Equal to the full
+    model up to float noise; exported models and the test score always use the full model."""
+    prefix_cache_max_gb: float | None = None
+    """Most the prefix cache may take on a node (memory, else local disk). null: half the node's Ray object store,
+    else the local disk's free space. The size is known before anything is built; too large is an error."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
+        if self.trials_per_batch < 1:
+            raise UserError(f"sweep.trials_per_batch={self.trials_per_batch} must be >= 1 (e.g. 4)")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
@@ -201,6 +223,8 @@ class SweepConfig:
             raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
         if self.max_failures < 0 or self.num_to_keep < 1:
             raise UserError("sweep.max_failures must be >= 0 and sweep.num_to_keep >= 1")
+        if self.prefix_cache_max_gb is not None and self.prefix_cache_max_gb <= 0:
+            raise UserError(f"sweep.prefix_cache_max_gb={self.prefix_cache_max_gb} must be > 0 (or null: no cap)")
         if len(set(self.loggers)) != len(self.loggers):
             raise UserError(f"sweep.loggers={list(self.loggers)} names a logger twice; list each once")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):
@@ -208,6 +232,23 @@ class SweepConfig:
                 f"sweep.name={self.name!r} must be a plain name: letters, digits, '.', '_' or '-' (not '.' or '..'), "
                 "e.g. sweep.name=lora_sweep"
             )
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    """The final evaluation after the search: the best config re-trained with fresh seeds next to the baseline, each
+    run's best-val checkpoint scored once on the test split (lorahpo/final.py). It never feeds back into the search."""
+
+    seeds: int = 0
+    """Fresh seeds per config (paired: the tuned and the baseline run i share seed i). 0 = off; k >= 2 gives the
+    gain an interval (a t interval over k paired differences). Each run costs about one trial."""
+    baseline: bool = True
+    """Also re-train the baseline: the first `sweep.points_to_evaluate` entry, else the config's own values for the
+    search space's keys. Without it there is no tuning gain, only the tuned config's spread over seeds."""
+
+    def __post_init__(self) -> None:
+        if self.seeds < 0:
+            raise UserError(f"final.seeds={self.seeds} must be >= 0 (0 turns the final evaluation off)")
 
 
 @dataclass(frozen=True)
@@ -219,6 +260,7 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
     search: dict[str, ParamSpec] = field(default_factory=dict)
     """Search space keyed by dotted config path."""
 
@@ -227,7 +269,12 @@ class ExperimentConfig:
             raise UserError(f"seed={self.seed} must be a non-negative integer")
         for key, spec in self.search.items():
             _validate_spec(key, spec)
-        for point in self.sweep.points_to_evaluate:
+        if self.final.seeds > 0 and self.data.split[2] == 0:
+            raise UserError(
+                f"final.seeds={self.final.seeds} scores runs on the test split, but data.split={list(self.data.split)} "
+                "has none; give it one (e.g. data.split=[0.7,0.15,0.15]) or set final.seeds=0"
+            )
+        for point in self.sweep.points_to_evaluate:  # complete, in range: checks.check_points
             extra = sorted(set(point) - set(self.search))
             if extra:
                 raise UserError(

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,23 +332,47 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
 
 
 class _Examples(torch.utils.data.Dataset):
-    def __init__(self, split: Split):
-        self.split = split
+    def __init__(self, split: Split, states: Sequence[np.ndarray] | None = None):
+        self.split, self.states = split, states
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.split.input_ids[i], "labels": self.split.labels[i]}
+        item = {"input_ids": self.split.input_ids[i], "labels": self.split.labels[i]}
+        if self.states is not None:
+            item["states"] = self.states[i]
+        return item
 
 
-def make_loader(split: Split, tokenizer: Any, batch_size: int, seed: int, shuffle: bool) -> torch.utils.data.DataLoader:
-    """DataLoader with length-grouped batches and tokenizer-driven dynamic padding (right side, to the batch max)."""
+def pad_states(rows: list[np.ndarray], length: int) -> torch.Tensor:
+    """Per-example cached hidden states [tokens, hidden] as one right-padded batch [rows, length, hidden], laid out
+    exactly like their padded ids. Pads are zeros: the attention mask hides them from every real token, and the head
+    pools a real token. bfloat16 travels as its raw bits (uint16: numpy has no bfloat16)."""
+    out = np.zeros((len(rows), length, rows[0].shape[-1]), dtype=rows[0].dtype)
+    for j, row in enumerate(rows):
+        out[j, : len(row)] = row
+    batch = torch.from_numpy(out)
+    return batch.view(torch.bfloat16) if out.dtype == np.uint16 else batch
+
+
+def make_loader(
+    split: Split,
+    tokenizer: Any,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    states: Sequence[np.ndarray] | None = None,
+) -> torch.utils.data.DataLoader:
+    """DataLoader with length-grouped batches and tokenizer-driven dynamic padding (right side, to the batch max).
+    `states` (example i's cached hidden states, see lorahpo.prefix) adds them to every batch, padded like the ids."""
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = tokenizer.pad({"input_ids": [it["input_ids"] for it in items]}, padding="longest", return_tensors="pt")
         batch["labels"] = torch.tensor([it["labels"] for it in items])
+        if states is not None:
+            batch["states"] = pad_states([it["states"] for it in items], batch["input_ids"].shape[1])
         return dict(batch)
 
     sampler = LengthGroupedBatches([len(t) for t in split.input_ids], batch_size, seed, shuffle)
-    return torch.utils.data.DataLoader(_Examples(split), batch_sampler=sampler, collate_fn=collate)
+    return torch.utils.data.DataLoader(_Examples(split, states), batch_sampler=sampler, collate_fn=collate)

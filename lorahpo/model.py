@@ -1,5 +1,7 @@
 """The classifier a trial trains: the base decoder with a fresh `score` head, LoRA on the last N layers (checked:
-count and placement of every injected module)."""
+count and placement of every injected module); and the two halves of its forward pass the prefix cache splits it into
+(`frozen_states`: the frozen layers below a cut, once per sweep; `upper_logits`: the layers from the cut up, per
+trial), built from transformers' own mask and rotary functions so that they add up to the full model's forward."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+from transformers.masking_utils import create_causal_mask
 
 from lorahpo.config import ExperimentConfig, ModelConfig
 from lorahpo.sources import DTYPES, TINY, from_pretrained, tiny_config
@@ -105,3 +108,65 @@ def build_classifier(cfg: ExperimentConfig, num_labels: int, pad_token_id: int) 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The forward pass in two halves (the prefix cache). LlamaModel.forward, without a KV cache, is: embed -> position ids
+# 0..T-1 (the same for every row: padding is on the right) -> causal + padding mask and rotary embeddings, computed
+# once -> every decoder layer -> norm; the classification head then pools the last non-pad token. The two functions
+# below run that sequence split at a layer index `cut` (the input of layer `cut`, i.e. the output of layer cut-1).
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The LlamaModel inside a bare classifier or a peft-wrapped one."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    return inner.model
+
+
+def _layer_inputs(decoder: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """What LlamaModel.forward hands every decoder layer: position ids, rotary embeddings, the attention mask."""
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    mask = create_causal_mask(decoder.config, hidden, attention_mask, cache=None, position_ids=position_ids)
+    rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
+    return {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": rotary}
+
+
+@torch.no_grad()
+def frozen_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cuts: list[int]
+) -> dict[int, torch.Tensor]:
+    """Hidden states entering layer `c` for every c in `cuts` (0: the embeddings), for a right-padded batch."""
+    decoder = _decoder(model)
+    hidden = decoder.embed_tokens(input_ids)
+    inputs = _layer_inputs(decoder, hidden, attention_mask)
+    out = {0: hidden} if 0 in cuts else {}
+    for i, layer in enumerate(decoder.layers[: max(cuts)]):
+        hidden = layer(hidden, **inputs)
+        if i + 1 in cuts:
+            out[i + 1] = hidden
+    return out
+
+
+def first_lora_layer(model: PeftModel) -> int:
+    """The lowest decoder layer that carries LoRA (the layers below it are frozen)."""
+    return min(model.peft_config[model.active_adapter].layers_to_transform)
+
+
+def upper_logits(
+    model: PeftModel, states: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor, cut: int
+) -> torch.Tensor:
+    """Logits of the classifier from the hidden states entering layer `cut` (right-padded like `input_ids`): layers
+    cut..L-1, the final norm, the `score` head, pooled at the last non-pad token exactly as
+    LlamaForSequenceClassification does. Layers below the first LoRA layer run without gradients."""
+    decoder = _decoder(model)
+    inputs = _layer_inputs(decoder, states, attention_mask)
+    trained_from = first_lora_layer(model)
+    hidden = states
+    for i in range(cut, len(decoder.layers)):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= trained_from):
+            hidden = decoder.layers[i](hidden, **inputs)
+    logits = model.get_base_model().score(decoder.norm(hidden))
+    # GenericForSequenceClassification's pooling: the rightmost token that is not the pad token
+    non_pad = (input_ids != decoder.config.pad_token_id).to(logits.device, torch.int32)
+    last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+    return logits[torch.arange(len(logits), device=logits.device), last]

@@ -1,6 +1,6 @@
 """LightningModule: class-weighted cross-entropy, the pinned metrics (config.METRICS: accuracy, macro-F1, F-beta with
-beta=3, loss), AdamW + warmup; the Trainer every trial and every evaluation uses; and `evaluate`, the ONE routine that
-scores a split outside training (the test split, a reloaded checkpoint)."""
+beta=3, loss), AdamW + warmup; the Trainer every trial and every evaluation uses; and `score_split` (`evaluate`: its
+metrics alone), the ONE routine that scores a split outside training (the test split, a reloaded checkpoint)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from lorahpo.config import FBETA_BETA, METRICS, ExperimentConfig, TrainConfig
 from lorahpo.data import Split, make_loader
+from lorahpo.model import upper_logits
 from lorahpo.repro import epoch_seed
 
 PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
@@ -59,9 +60,18 @@ def class_weights(labels: list[int], num_labels: int, positive_weight: float) ->
 class LoraClassifier(L.LightningModule):
     """Trains the LoRA + head parameters of a sequence classifier; checkpoints hold only those (MBs, not GBs)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, num_labels: int, weights: torch.Tensor, seed: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        num_labels: int,
+        weights: torch.Tensor,
+        seed: int,
+        cut: int | None = None,
+    ):
         super().__init__()
         self.model, self.cfg, self.seed = model, cfg, seed
+        self.cut = cut  # batches with cached "states" enter the model at this layer (lorahpo.prefix)
         self.register_buffer("weights", weights.float(), persistent=False)
         self.eval_metrics = make_metrics(num_labels)
         self.eval_loss = torchmetrics.MeanMetric()
@@ -70,6 +80,9 @@ class LoraClassifier(L.LightningModule):
         self.strict_loading = False
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "states" in batch:  # the frozen layers below `cut` were run once per sweep: run only the rest
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            return upper_logits(self.model, batch["states"], mask, ids, self.cut).float()
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
     def train_loss_epoch(self) -> float:
@@ -90,11 +103,13 @@ class LoraClassifier(L.LightningModule):
         self.train_loss.update(loss.detach(), len(logits))
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         # Unweighted: comparable across trials that tune class_weight.
         self.eval_loss.update(F.cross_entropy(logits, batch["labels"], reduction="sum") / len(logits), len(logits))
-        self.eval_metrics.update(logits.argmax(-1), batch["labels"])
+        preds = logits.argmax(-1)
+        self.eval_metrics.update(preds, batch["labels"])
+        return preds  # per-example predictions for `score_split` (Lightning keeps no step outputs itself)
 
     def on_validation_epoch_end(self) -> None:
         out = {k: v.item() for k, v in self.eval_metrics.compute().items()}
@@ -134,11 +149,37 @@ def make_trainer(cfg: ExperimentConfig, callbacks: Sequence[L.Callback] = (), gp
     )
 
 
-def evaluate(module: LoraClassifier, split: Split, cfg: ExperimentConfig, tokenizer: Any, gpu: bool = False) -> dict:
+class _Predictions(L.Callback):
+    """Collects each validation batch's predictions (what `validation_step` returns), in batch order."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self.batches.append(outputs.detach().cpu())
+
+
+def score_split(
+    module: LoraClassifier, split: Split, cfg: ExperimentConfig, tokenizer: Any, gpu: bool = False
+) -> tuple[dict[str, float], list[int]]:
     """Every metric of config.METRICS on a split, computed exactly as validation does during training (same batches,
-    same precision and autocast, same device): {"accuracy": ..., "f1": ..., "fbeta": ..., "loss": ...}."""
+    same precision and autocast, same device): ({"accuracy": ..., "f1": ..., "fbeta": ..., "loss": ...}, the
+    predicted label index of each example in split order, for intervals over examples)."""
     loader = make_loader(split, tokenizer, cfg.train.eval_batch_size, cfg.seed, shuffle=False)
+    collected = _Predictions()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers).*")
-        out = make_trainer(cfg, gpu=gpu).validate(module, loader, verbose=False)[0]
-    return {k.removeprefix("val_"): float(v) for k, v in out.items()}
+        out = make_trainer(cfg, [collected], gpu=gpu).validate(module, loader, verbose=False)[0]
+    # Batches are grouped by length, so they come in another order than the split's: put each prediction back.
+    order = [i for batch in loader.batch_sampler.batches(0) for i in batch]
+    flat = torch.cat(collected.batches).tolist() if collected.batches else []
+    assert sorted(order) == list(range(len(split))) and len(flat) == len(order), "every example predicted once"
+    preds = [0] * len(split)
+    for i, p in zip(order, flat):
+        preds[i] = int(p)
+    return {k.removeprefix("val_"): float(v) for k, v in out.items()}, preds
+
+
+def evaluate(module: LoraClassifier, split: Split, cfg: ExperimentConfig, tokenizer: Any, gpu: bool = False) -> dict:
+    """The metrics of `score_split` alone: {"accuracy": ..., "f1": ..., "fbeta": ..., "loss": ...}."""
+    return score_split(module, split, cfg, tokenizer, gpu)[0]

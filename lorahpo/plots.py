@@ -1,11 +1,13 @@
 """PNG plots written into every sweep's results: optimisation history, learning curves, parallel coordinates,
-parameter importances (Optuna's matplotlib visualisations on the reconstructed study)."""
+parameter importances (Optuna's matplotlib visualisations on the reconstructed study); and the final evaluation's
+per-seed test scores."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt  # files only (savefig); without a display matplotlib picks Agg by itself
 import optuna
@@ -63,3 +65,34 @@ def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfi
     ax.set_title("Learning curves (x: stopped by ASHA, square: early stopping)")
     ax.legend(fontsize=7, ncol=2)
     return ax
+
+
+FINAL_PLOT = "final_seeds.png"
+LABELS = {"test_accuracy": "test accuracy", "test_f1": "test macro-F1", "test_fbeta": "test F-beta"}
+
+
+def write_final_plot(block: dict[str, Any], out: Path) -> str:
+    """final_seeds.png: each seed's test score of the baseline and the tuned config, joined per seed (the pairs the
+    gain is computed from), with each config's mean; one panel per metric, the gain and its interval in the title."""
+    fig, axes = plt.subplots(1, len(LABELS), figsize=(4 * len(LABELS), 4.2), squeeze=False)
+    tuned, baseline = block["tuned"], block["baseline"]
+    names = (["baseline"] if baseline else []) + ["tuned"]
+    for ax, (metric, label) in zip(axes[0], LABELS.items()):
+        for i, seed in enumerate(tuned["seeds"]):
+            ys = ([baseline[metric]["values"][i]] if baseline else []) + [tuned[metric]["values"][i]]
+            ax.plot(range(len(ys)), ys, marker="o", lw=1, alpha=0.8, label=f"seed {seed}")
+        for x, name in enumerate(names):
+            mean = (baseline if name == "baseline" else tuned)[metric]["mean"]
+            ax.hlines(mean, x - 0.15, x + 0.15, color="black", lw=2)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_ylabel(label)
+        gain = (block.get("gain") or {}).get(metric)
+        title = f"gain {gain['mean']:+.4f} [{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}]" if gain else label
+        ax.set_title(title, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Final evaluation: {block['num_seeds']} seeds per config (bars: means; 95% interval of the gain)")
+    fig.tight_layout()
+    fig.savefig(out / FINAL_PLOT, dpi=110)
+    plt.close(fig)
+    return FINAL_PLOT

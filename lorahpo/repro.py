@@ -28,6 +28,7 @@ PACKAGES = (
     "numpy",
     "tokenizers",
     "scikit-learn",
+    "scipy",  # the final evaluation's intervals
 )
 
 

@@ -309,9 +309,86 @@ def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
         f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"
         f"- best trial `{s['best_trial']}`: {s['metric']} = {s['best_value']:.4f} "
         f"(epoch {s['best_epoch']})\n"
-        f"- test split ({s['test_size']} examples, scored once): {test}\n\n"
-        f"| param | best value |\n|---|---|\n{params}\n"
+        f"- test split ({s['test_size']} examples, scored once): {test}\n"
+        + "".join(f"- {line}\n" for line in best_lines(s))
+        + f"\n| param | best value |\n|---|---|\n{params}\n"
+        + final_markdown(s)
     )
+
+
+def _ci(interval: list[float]) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def best_lines(s: dict[str, Any]) -> list[str]:
+    """The best checkpoint's test interval and val-test gap, one line each (summary.md and the console)."""
+    lines = []
+    if s.get("test_ci95"):
+        cis = ", ".join(f"{k.removeprefix('test_')} {_ci(v)}" for k, v in s["test_ci95"].items())
+        lines.append(f"test 95% interval (bootstrap over the {s['test_size']} test examples): {cis}")
+    if s.get("val_test_gap"):
+        gaps = ", ".join(f"{k} {v:+.4f}" for k, v in s["val_test_gap"].items())
+        lines.append(f"val - test gap of the best trial (how optimistic its val score was): {gaps}")
+    return lines
+
+
+FINAL_COLUMNS = {"test_accuracy": "test accuracy", "test_f1": "test macro-F1", "test_fbeta": "test F-beta"}
+
+
+def final_markdown(s: dict[str, Any]) -> str:
+    """summary.md's final-evaluation section: mean ± std per config, the gain with its interval, each seed's pair."""
+    f = s.get("final")
+    if not f:
+        return ""
+    tuned, baseline = f["tuned"], f["baseline"]
+    head = "| config | " + " | ".join(FINAL_COLUMNS.values()) + " |\n|---|" + "---|" * len(FINAL_COLUMNS) + "\n"
+
+    def row(name: str, c: dict[str, Any]) -> str:
+        return f"| {name} | " + " | ".join(f"{c[m]['mean']:.4f} ± {c[m]['std']:.4f}" for m in FINAL_COLUMNS) + " |\n"
+
+    table = head + row("tuned (best trial's params)", tuned)
+    if baseline:
+        table += row(f"baseline ({f['baseline_source']})", baseline)
+        gain = " | ".join(f"{f['gain'][m]['mean']:+.4f} {_ci(f['gain'][m]['ci95'])}" for m in FINAL_COLUMNS)
+        table += f"| gain (tuned - baseline), 95% interval | {gain} |\n"
+    per_seed = "| seed | tuned test F-beta |" + (" baseline | difference |" if baseline else "") + "\n|---|---|"
+    per_seed += "---|---|\n" if baseline else "\n"
+    for i, seed in enumerate(tuned["seeds"]):
+        t = tuned["test_fbeta"]["values"][i]
+        pair = (
+            f" {baseline['test_fbeta']['values'][i]:.4f} | {f['gain']['test_fbeta']['values'][i]:+.4f} |"
+            if baseline
+            else ""
+        )
+        per_seed += f"| {seed} | {t:.4f} |{pair}\n"
+    run = s.get("final_run", {})
+    notes = "".join(f"- {note}\n" for note in f["notes"])
+    return (
+        f"\n## Final evaluation: {f['num_seeds']} fresh seeds per config\n\n"
+        "Each run trained from scratch like a sweep trial (no ASHA; early stopping), its best-val checkpoint scored "
+        "once on the test split; mean ± sample std over the seeds. Tuned and baseline run i share seed i.\n\n"
+        f"{table}\n{per_seed}\n- gain interval: {f['gain_method']}\n{notes}"
+        + (f"- wall time {run['wall_time_s']:.0f} s; runs in `{run['experiment']}`\n" if run else "")
+    )
+
+
+def final_lines(s: dict[str, Any]) -> list[str]:
+    """The final evaluation on the console: per metric, tuned vs baseline and the gain with its interval."""
+    f = s.get("final")
+    if not f:
+        return []
+    lines = [f"final evaluation, {f['num_seeds']} seeds per config {f['tuned']['seeds']}:"]
+    for m in FINAL_COLUMNS:
+        t = f["tuned"][m]
+        line = f"    {m}: tuned {t['mean']:.4f} ± {t['std']:.4f}"
+        if f["baseline"]:
+            b, g = f["baseline"][m], f["gain"][m]
+            line += f", baseline {b['mean']:.4f} ± {b['std']:.4f}, gain {g['mean']:+.4f} {_ci(g['ci95'])}"
+        lines.append(line)
+    lines += [f"    note: {note}" for note in f["notes"]]
+    if s.get("final_run"):
+        lines.append(f"    wall time {s['final_run']['wall_time_s']:.0f} s; runs in {s['final_run']['experiment']}")
+    return lines
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -323,4 +400,8 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     if s["test"]:
         print("  test split: " + ", ".join(f"{k} {v:.4f}" for k, v in s["test"].items()))
+    for line in best_lines(s):
+        print(f"  {line}")
     print(f"  {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}")
+    for line in final_lines(s):
+        print(f"  {line}")

@@ -6,20 +6,27 @@ prepare   check everything that can be checked before training (the config's poi
 run       start (or join) Ray, check the cluster, claim the experiment directory, write provenance, run the Tune
           sweep (new or resumed); an interrupted sweep stops here, its state kept for --resume
 finalise  tables and study; for the best trial, on a worker with a trial's resources: its checkpoint scored
-          ONCE on the untouched test split and exported as best/; summary and plots; staged, then copied to storage
+          ONCE on the untouched test split (with a bootstrap interval over its examples) and exported as best/;
+          summary and plots; staged, then copied to storage
+final     with final.seeds = k > 0: the best config and the baseline re-trained with k fresh seeds each, as their own
+          Tune experiment in the sweep's directory, each run's best-val checkpoint scored once on the test split; the
+          summary gains the `final` block (lorahpo/final.py). `--final` runs this step alone on a finished sweep.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 from ray.tune import ResultGrid
 
@@ -27,6 +34,7 @@ from lorahpo.checks import (
     check_cluster,
     check_dtype,
     check_experiment,
+    check_finished,
     check_model_fit,
     check_points,
     check_resources,
@@ -35,20 +43,26 @@ from lorahpo.checks import (
     cuda_bf16,
     local_nodes,
 )
-from lorahpo.config import ExperimentConfig, config_yaml, to_dict
+from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, config_yaml, to_dict
 from lorahpo.data import TaskData, load_task, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
-from lorahpo.plots import write_plots
+from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
+from lorahpo.final import describe as describe_final
+from lorahpo.plots import write_final_plot, write_plots
+from lorahpo.prefix import plan_prefix, prepare_prefix
 from lorahpo.repro import git_state, hardware, manifest, versions
 from lorahpo.results import (
     best_checkpoint,
     best_row,
+    load_experiment,
     make_summary,
     row_config,
+    trial_id,
     write_summary,
     write_tables,
 )
 from lorahpo.sources import load_model_config, load_tokenizer
+from lorahpo.stats import TEST_METRICS
 from lorahpo.storage import (
     check_storage,
     claim,
@@ -56,14 +70,15 @@ from lorahpo.storage import (
     exists,
     experiment_dir,
     location,
+    read_bytes,
     read_text,
     storage_failure,
     upload,
     upload_dir,
 )
 from lorahpo.tracking import check_loggers, finish_journal, log_summary
-from lorahpo.trainable import score_and_export
-from lorahpo.tuner import describe, make_tuner, restore_tuner
+from lorahpo.trainable import score_and_export, score_test
+from lorahpo.tuner import describe, forwarded_env, make_tuner, restore_tuner
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +97,23 @@ def prepare(
     check_storage(cfg)  # first of the storage checks: everything after it reads the storage path
     check_loggers(cfg)  # a named tracker that is not installed: one line now, not a crash mid-sweep
     check_experiment(cfg, resume, overwrite)
+    data = _check_and_load(cfg, address, dry_run)
+    if resume:
+        exp, fs = experiment_dir(cfg)
+        check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
+    plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg), "data": data.info}
+    prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
+    plan["prefix_cache"] = (
+        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB "
+        "(in Ray's object store if it fits, else on each node's local disk; checked when the sweep starts)"
+        if prefix is not None
+        else "off"
+    )
+    return data, {**plan, "resume": resume, "overwrite": overwrite}
+
+
+def _check_and_load(cfg: ExperimentConfig, address: str | None, dry_run: bool) -> TaskData:
+    """The checks that need the nodes, the hardware or the model, then the data, read + split + tokenized once."""
     if address is None:
         check_resources(cfg, local_nodes())
     elif dry_run:
@@ -92,12 +124,7 @@ def prepare(
             ray.shutdown()
     check_dtype(cfg, cpu_has_bf16(), cuda_bf16())
     check_model_fit(cfg, load_model_config(cfg.model))
-    data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
-    if resume:
-        exp, fs = experiment_dir(cfg)
-        check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
-    plan = {"config": to_dict(cfg), **describe(cfg), "data": data.info, "resume": resume, "overwrite": overwrite}
-    return data, plan
+    return load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
 
 
 def run(
@@ -114,16 +141,27 @@ def run(
     ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
     try:
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
+        # the prefix cache: sized and placed (or refused) before anything is written, built before any trial
+        prefix, spec, cache_info = None, plan_prefix(cfg, load_model_config(cfg.model), data), None
+        if spec is not None:
+            prefix, cache_info = prepare_prefix(cfg, data, spec, forwarded_env())
         if resume:
             meta = json.loads(read_text(fs, f"{exp}/manifest.json") or "{}")
             meta.setdefault("resumes", []).append(
-                {"at": _now(), "git": git_state(), "versions": versions(), "hardware": hardware()}
+                {
+                    "at": _now(),
+                    "git": git_state(),
+                    "versions": versions(),
+                    "hardware": hardware(),
+                    "prefix_cache": cache_info,
+                }
             )
             upload({"manifest.json": json.dumps(meta, indent=2, default=str)}, exp, fs)
-            tuner = restore_tuner(cfg, data)
+            tuner = restore_tuner(cfg, data, prefix)
         else:
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
-            tuner = start(cfg, data, meta, overwrite)
+            meta["prefix_cache"] = cache_info
+            tuner = start(cfg, data, meta, overwrite, prefix)
         try:
             grid = tuner.fit()
             unfinished = cfg.sweep.num_samples - grid.num_terminated - grid.num_errors
@@ -145,7 +183,7 @@ def run(
         ray.shutdown()
 
 
-def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool) -> Any:
+def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any) -> Any:
     """A new sweep's directory: claimed (two drivers never share one), its Tuner built, then provenance written
     before any training. A failure here removes what this driver created, so no half-made sweep is left behind."""
     exp, fs = experiment_dir(cfg)
@@ -161,7 +199,7 @@ def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite
             "same time; let it run (or --resume it later), or choose a new sweep.name"
         )
     try:
-        tuner = make_tuner(cfg, data)
+        tuner = make_tuner(cfg, data, prefix=prefix)
         provenance = {
             "config.yaml": config_yaml(cfg),
             "manifest.json": json.dumps(meta, indent=2, default=str),
@@ -201,12 +239,129 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
+        recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}  # what the search saw
+        summary.update(best_statistics(cfg, data, recorded, scored["test"], scored["test_predictions"]))
+        if scored["test"]:
+            (out / "test_predictions.csv").write_text(predictions_table(data, scored["test_predictions"]))
+        cache_info = (meta.get("resumes") or [{}])[-1].get("prefix_cache") or meta.get("prefix_cache")
+        if cache_info:
+            summary["prefix_cache"] = {**cache_info, **cache_check(grid, best, ckpt, scored["val"])}
         write_summary(summary, cfg, out)
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
-        upload_dir(out, exp, fs)
+        upload_dir(out, exp, fs)  # a finished sweep from here on: a driver killed below continues with --final
     log_summary(cfg, summary)  # onto the trackers' sweep-level runs
+    if cfg.final.seeds > 0:
+        summary = final(cfg, data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, df)), summary)
     return summary
+
+
+def cache_check(grid: ResultGrid, best: Any, checkpoint: Any, full: dict[str, float]) -> dict[str, Any]:
+    """The prefix cache's faithfulness, on the result that matters: the best checkpoint's val metrics through the full
+    model (`full`, from the final scoring) against those its trial reported from cached states (equal up to float
+    noise). Compared with the report of that same checkpoint, so tied epochs cannot show a false difference."""
+    result = next(r for r in grid if trial_id(r) == best["trial_id"])
+    cached = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
+    diff = {k: full[k] - float(cached[f"val_{k}"]) for k in METRICS}
+    worst = max(abs(v) for v in diff.values())
+    log.info(
+        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by at "
+        "most %.2g (%s)",
+        worst,
+        ", ".join(f"{k} {v:+.2g}" for k, v in diff.items()),
+    )
+    return {
+        "best_trial_cut": cached.get("prefix_cut"),
+        "val_cached": {k: float(cached[f"val_{k}"]) for k in METRICS},
+        "val_full_model": full,
+        "max_abs_diff": worst,
+    }
+
+
+def final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluation (lorahpo/final.py) on a connected Ray, then the summary with its `final` block, the
+    per-seed plot and a manifest entry, copied to storage; returns the summary. Its wall time and place go next to
+    the block, not into it (two evaluations of the same sweep give equal blocks)."""
+    exp, fs = experiment_dir(cfg)
+    start = time.perf_counter()
+    records = score_runs(cfg, data, plan, fit_runs(cfg, data, plan))
+    summary = {
+        **summary,
+        "final": final_block(cfg, plan, records),
+        "final_run": {
+            "experiment": f"{location(cfg, experiment=True)}/{plan['experiment']}",
+            "wall_time_s": round(time.perf_counter() - start, 1),  # this driver's part, if it continued another's
+        },
+    }
+    meta = json.loads(read_text(fs, f"{exp}/manifest.json") or "{}")
+    runs = [{k: r[k] for k in ("role", "index", "seed", "trial_id")} for r in records]
+    entry = {"at": _now(), "plan": {**plan, "runs": runs}, "git": git_state(), "versions": versions()}
+    meta.setdefault("finals", []).append({**entry, "hardware": hardware()})
+    meta["summary"] = summary
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        write_summary(summary, cfg, out)
+        (out / "manifest.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_final_plot(summary["final"], out)
+        upload_dir(out, exp, fs)
+    return summary
+
+
+def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bool = False) -> tuple[TaskData, dict]:
+    """--final: check the finished sweep at the address (its config up to final.*, its data and split), tokenize the
+    data once as the sweep did, and plan the runs (what --final --dry-run prints)."""
+    check_storage(cfg)
+    check_finished(cfg)
+    data = _check_and_load(cfg, address, dry_run)
+    exp, fs = experiment_dir(cfg)
+    where = display(cfg, experiment=True)
+    check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
+    summary = json.loads(read_text(fs, f"{exp}/summary.json") or "{}")
+    trials = pd.read_parquet(io.BytesIO(read_bytes(fs, f"{exp}/results.parquet") or b""))
+    return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials))
+
+
+def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None) -> dict:
+    """--final: the final evaluation of a finished sweep (new, or continued where a killed driver left it)."""
+    exp, fs = experiment_dir(cfg)
+    ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+    try:
+        check_cluster(cfg)
+        summary = json.loads(read_text(fs, f"{exp}/summary.json") or "{}")
+        try:
+            if "test_ci95" not in summary and summary["test"]:  # a sweep finished before test intervals existed
+                summary = rescore_best(cfg, data, summary)
+            return final(cfg, data, plan, summary)
+        except (Interrupted, SweepFailed):
+            raise
+        except Exception:  # storage gone while the runs train or their results are written
+            error = storage_failure(cfg)
+            if error is None:
+                raise
+            raise error from None
+    finally:
+        ray.shutdown()
+
+
+def rescore_best(cfg: ExperimentConfig, data: TaskData, summary: dict[str, Any]) -> dict[str, Any]:
+    """The per-example test predictions of the sweep's best checkpoint, for a sweep that did not keep them: scored
+    again (the same checkpoint gives the same scores), then the interval and the val-test gap added to the summary."""
+    exp, fs = experiment_dir(cfg)
+    grid, df = load_experiment(location(cfg, experiment=True), cfg.sweep.s3_endpoint)
+    best = df[df["trial_id"] == summary["best_trial"]].iloc[0]
+    task = ray.remote(score_test).options(
+        num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
+    )
+    ckpt = best_checkpoint(grid, summary["best_trial"], cfg)
+    scored = ray.get(task.remote(apply_overrides(cfg, summary["best_params"]), data, ckpt, f"{exp}/rescoring.log", fs))
+    recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}
+    upload({"test_predictions.csv": predictions_table(data, scored["test_predictions"])}, exp, fs)
+    return {**summary, **best_statistics(cfg, data, recorded, summary_test(summary), scored["test_predictions"])}
+
+
+def summary_test(summary: dict[str, Any]) -> dict[str, float]:
+    """The best checkpoint's test metrics as the summary records them ({"accuracy": ...})."""
+    return {k.removeprefix("test_"): v for k, v in summary["test"].items()}
 
 
 def _now() -> str:

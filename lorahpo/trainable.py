@@ -39,10 +39,11 @@ from lorahpo.config import ExperimentConfig, apply_overrides, dump_config, load_
 from lorahpo.data import TaskData, load_task, make_loader, split_rows
 from lorahpo.errors import UserError
 from lorahpo.model import build_classifier, trainable_parameters
-from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer
+from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer, score_split
+from lorahpo.prefix import PrefixCache, cut_for, open_prefix, split_states
 from lorahpo.repro import manifest, seed_everything_everywhere
 from lorahpo.sources import load_model_config, load_tokenizer, on_hub
-from lorahpo.storage import upload_dir
+from lorahpo.storage import upload_dir, write_bytes
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "trial.ckpt"
@@ -136,8 +137,9 @@ def library_logs(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
-    """Seed, then build base + LoRA + Lightning wrapper (seeding first makes init independent of earlier trials)."""
+def build_module(cfg: ExperimentConfig, data: TaskData, cut: int | None = None) -> LoraClassifier:
+    """Seed, then build base + LoRA + Lightning wrapper (seeding first makes init independent of earlier trials).
+    `cut`: the layer its batches of cached states enter at (lorahpo.prefix); None: batches of ids only."""
     seed_everything_everywhere(cfg.seed)
     model = build_classifier(cfg, data.num_labels, data.tokenizer.pad_token_id)
     if cfg.model.dtype != "float32":  # train adapters and head in fp32 (mixed precision); the frozen base stays low
@@ -145,7 +147,7 @@ def build_module(cfg: ExperimentConfig, data: TaskData) -> LoraClassifier:
             if p.requires_grad:
                 p.data = p.data.float()
     weights = class_weights(data.train.labels, data.num_labels, cfg.train.class_weight)
-    return LoraClassifier(model, cfg.train, data.num_labels, weights, cfg.seed)
+    return LoraClassifier(model, cfg.train, data.num_labels, weights, cfg.seed, cut)
 
 
 def fit(
@@ -157,14 +159,21 @@ def fit(
     gpu: bool = False,
     tags: dict[str, Any] | None = None,
     callbacks: Sequence[L.Callback] = (),
+    prefix: PrefixCache | None = None,
 ) -> LoraClassifier:
     """Train one trial; `report` gets one call per epoch. `resume_from` continues a checkpoint exactly. `callbacks`
-    run before the reporter (benchmarks time epochs with them)."""
+    run before the reporter (benchmarks time epochs with them). `prefix`: the sweep's frozen-prefix cache; training
+    and validation then run only the layers above the cut it has for this trial's `lora.last_n`."""
     torch.set_num_threads(cfg.train.num_threads or num_threads or torch.get_num_threads())
-    module = build_module(cfg, data)
-    extra = {"trainable_params": trainable_parameters(module.model), **(tags or {})}
-    train_dl = make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, shuffle=True)
-    val_dl = make_loader(data.val, data.tokenizer, cfg.train.eval_batch_size, cfg.seed, shuffle=False)
+    cut = cut_for(prefix, cfg.lora.last_n) if prefix is not None else None
+    module = build_module(cfg, data, cut)
+    extra = {"trainable_params": trainable_parameters(module.model), "prefix_cut": cut, **(tags or {})}
+
+    def states(name: str) -> list | None:
+        return None if cut is None else split_states(prefix, cut, name, getattr(data, name))
+
+    train_dl = make_loader(data.train, data.tokenizer, cfg.train.batch_size, cfg.seed, True, states("train"))
+    val_dl = make_loader(data.val, data.tokenizer, cfg.train.eval_batch_size, cfg.seed, False, states("val"))
     trainer = make_trainer(cfg, [*callbacks, EpochReporter(cfg, report, extra)], gpu)
     module.train()  # from_pretrained leaves the model in eval mode, and Lightning keeps it: dropout would be off
     with warnings.catch_warnings():
@@ -230,8 +239,8 @@ def score_and_export(
 ) -> dict[str, Any]:
     """The end of a sweep, for its best trial (run where a trial runs: same precision, same device, same threads):
     reload the best epoch's checkpoint, score val (a check: it must reproduce the recorded epoch) and the untouched
-    test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores
-    and best/'s format."""
+    test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores,
+    the per-example test predictions (split order) and best/'s format."""
     torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
     gpu = use_gpu(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,11 +248,28 @@ def score_and_export(
             with checkpoint.as_directory() as d:
                 module = load_trained(cfg, data, Path(d) / CKPT_NAME)
             val = evaluate(module, data.val, cfg, data.tokenizer, gpu)
-            test = evaluate(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else {}
+            test, preds = score_split(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else ({}, [])
             kind = export_best(module.cpu(), cfg, data, Path(tmp, "best"))
         upload_dir(Path(tmp), exp, fs)
     free_memory()
-    return {"val": val, "test": test, "format": kind}
+    return {"val": val, "test": test, "test_predictions": preds, "format": kind}
+
+
+def score_test(
+    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, log_path: str, fs: pyarrow.fs.FileSystem
+) -> dict[str, Any]:
+    """A final-evaluation run's best-val checkpoint scored ONCE on the test split, like `score_and_export` (where a
+    trial runs), without an export. Library logs go to `log_path` on the sweep's storage."""
+    torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        with library_logs(Path(tmp, "scoring.log")):
+            with checkpoint.as_directory() as d:
+                module = load_trained(cfg, data, Path(d) / CKPT_NAME)
+            test, preds = score_split(module, data.test, cfg, data.tokenizer, use_gpu(cfg))
+        with open(Path(tmp, "scoring.log"), "rb") as f:
+            write_bytes(fs, log_path, f.read())
+    free_memory()
+    return {"test": test, "test_predictions": preds}
 
 
 def free_memory() -> None:
@@ -268,14 +294,17 @@ def trial_threads(cfg: ExperimentConfig) -> int:
 # Ray Tune
 
 
-def tune_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData) -> None:
-    """Function trainable: a trial is the base config plus the searcher's dotted overrides."""
+def tune_trial(
+    params: dict[str, Any], base: ExperimentConfig, data: TaskData, prefix: PrefixCache | None = None
+) -> None:
+    """Function trainable: a trial is the base config plus the searcher's dotted overrides. `prefix`: the sweep's
+    frozen-prefix cache (from the object store, or the plan of this node's disk cache)."""
     cfg = apply_overrides(base, params)
     with library_logs(Path(TRIAL_LOG).resolve()):  # Tune runs a trial in its own directory (synced to storage)
-        _tune_trial(cfg, base, data)
+        _tune_trial(cfg, base, data, prefix)
 
 
-def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData) -> None:
+def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData, prefix: PrefixCache | None) -> None:
     gpu = use_gpu(base)
     if gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         # the driver (e.g. a CPU head node) could not see this node's GPU; fail the trial with the same advice
@@ -284,12 +313,13 @@ def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData) -
     # Where each epoch ran: audit trail for retries and multi-node placement.
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     ckpt = tune.get_checkpoint()
+    cache = open_prefix(prefix, base, data) if prefix is not None else None
     try:
         if ckpt is None:
-            fit(cfg, data, report, num_threads=trial_threads(base), gpu=gpu, tags=tags)
+            fit(cfg, data, report, num_threads=trial_threads(base), gpu=gpu, tags=tags, prefix=cache)
         else:  # a retry after a failure, or a restored sweep: continue from the last epoch reported
             with ckpt.as_directory() as d:
-                fit(cfg, data, report, Path(d) / CKPT_NAME, trial_threads(base), gpu, tags)
+                fit(cfg, data, report, Path(d) / CKPT_NAME, trial_threads(base), gpu, tags, prefix=cache)
     finally:
         free_memory()
 

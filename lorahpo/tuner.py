@@ -1,10 +1,13 @@
-"""The Ray Tune side of a sweep: YAML space -> Optuna distributions, the seeded searcher (TPE or random through
-OptunaSearch), the scheduler (ASHA or FIFO), the function trainable with its resources, callbacks, and the Tuner,
-new or restored."""
+"""The Ray Tune side of a sweep: the seeded searcher and the scheduler (deterministic: lorahpo.ordered's batch searcher
+and trial-number-order scheduler; asynchronous: TPE or random through OptunaSearch, with ASHA or FIFO), the function
+trainable with its resources, callbacks, and the Tuner, new or restored."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,18 +15,25 @@ import optuna
 import pyarrow.fs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
+from lorahpo.ordered import BatchSearcher, OrderedScheduler
 from lorahpo.space import optuna_space
 from lorahpo.storage import display, experiment_dir, storage, storage_failure
 from lorahpo.tracking import ray_default_loggers, tracker_callbacks
 from lorahpo.trainable import tune_trial
 
+log = logging.getLogger(__name__)
 
-def make_searcher(cfg: ExperimentConfig) -> OptunaSearch:
-    """OptunaSearch with a seeded sampler: TPE, or random search (same machinery, for fair comparisons)."""
+
+def make_searcher(cfg: ExperimentConfig) -> Searcher:
+    """Deterministic: the batch searcher (seeded TPE or random per batch). Asynchronous: OptunaSearch with a seeded
+    sampler, TPE or random search (same machinery, for fair comparisons)."""
+    if cfg.sweep.deterministic:
+        return BatchSearcher(cfg)
     if cfg.sweep.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
             seed=cfg.seed, n_startup_trials=cfg.sweep.n_startup_trials
@@ -40,7 +50,13 @@ def make_searcher(cfg: ExperimentConfig) -> OptunaSearch:
     )
 
 
-def make_scheduler(cfg: ExperimentConfig) -> TrialScheduler:
+def make_scheduler(cfg: ExperimentConfig, searcher: Searcher | None = None) -> TrialScheduler:
+    """Deterministic: the trial-number-order scheduler, which decides from `searcher`'s records (the BatchSearcher of
+    the same sweep). Asynchronous: ASHA or FIFO."""
+    if cfg.sweep.deterministic:
+        if not isinstance(searcher, BatchSearcher):
+            raise TypeError("a deterministic sweep's scheduler needs the sweep's BatchSearcher (make_searcher(cfg))")
+        return OrderedScheduler(cfg, searcher)
     if cfg.sweep.scheduler == "asha":
         # time_attr "epoch": the 1-based epochs a trial has completed (survives a resume, unlike wall time)
         return ASHAScheduler(
@@ -65,15 +81,44 @@ def trial_dirname(trial: Any) -> str:
 FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-def trial_with_env(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
+# Tests only: {"<n>": [first, later]}: trial_<n>_* waits `first` before it starts and `later` before it resumes from a
+# checkpoint (after a pause or a failure), each a number of seconds or the path of a file the test creates when the
+# trial may go on; it logs its pid. This reorders when trials report and opens a window in which to kill a trial's
+# worker; a deterministic sweep must give the same trials all the same (tests/test_sweep.py).
+TEST_DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"
+
+
+def injected_wait(trial_dir: str, resuming: bool) -> None:
+    delays = json.loads(os.environ.get(TEST_DELAYS_ENV) or "{}")
+    wait = delays.get(str(int(os.path.basename(trial_dir).split("_")[1])), (0, 0))[1 if resuming else 0]
+    if not wait:
+        return
+    log.warning("test delay: %s waits for %s in pid %d", os.path.basename(trial_dir), wait, os.getpid())
+    if isinstance(wait, str):
+        deadline = time.monotonic() + 600  # a test that died creates nothing: go on eventually
+        while not os.path.exists(wait) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    else:
+        time.sleep(wait)
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def trial_with_env(
+    params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str], prefix: Any = None
+) -> None:
     os.environ.update(env)  # before the trial loads a model
-    tune_trial(params, base, data)
+    if os.environ.get(TEST_DELAYS_ENV):
+        injected_wait(tune.get_context().get_trial_dir(), resuming=tune.get_checkpoint() is not None)
+    tune_trial(params, base, data, prefix)
 
 
-def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
-    """The function trainable with the tokenized data put in the object store ONCE, and the trial's resources."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=env)
+def trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> Any:
+    """The function trainable with the tokenized data (and the prefix cache: an object-store reference, or the plan of
+    the nodes' disk caches) put in the object store ONCE, and the trial's resources."""
+    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=forwarded_env(), prefix=prefix)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
 
 
@@ -102,8 +147,10 @@ def make_tuner(
     data: TaskData,
     stop: Any = None,
     callbacks: Sequence[tune.Callback] = (),
+    prefix: Any = None,
 ) -> tune.Tuner:
-    """A new sweep. `stop` (a Tune Stopper or dict) and extra `callbacks` are for benchmarks and tests."""
+    """A new sweep. `stop` (a Tune Stopper or dict) and extra `callbacks` are for benchmarks and tests; `prefix` is
+    what lorahpo.prefix.prepare_prefix returned (None: trials run the full model)."""
     root, fs = storage(cfg)
     ray_default_loggers(cfg)
     run_config = tune.RunConfig(
@@ -123,12 +170,14 @@ def make_tuner(
         stop=stop,
         verbose=1,
     )
+    searcher = make_searcher(cfg)
     tune_config = tune.TuneConfig(
         metric=tuning_metric(cfg),
         mode=cfg.train.mode,
-        search_alg=make_searcher(cfg),
-        scheduler=make_scheduler(cfg),
+        search_alg=searcher,
+        scheduler=make_scheduler(cfg, searcher),
         num_samples=cfg.sweep.num_samples,
+        # Deterministic: Tune hands this to the BatchSearcher, whose scheduler admits trials itself (see ordered.py)
         max_concurrent_trials=cfg.sweep.max_concurrent_trials,
         trial_dirname_creator=trial_dirname,
         # One worker process serves trial after trial (a new one costs ~7 s of imports per trial: bench/overhead.py).
@@ -136,24 +185,43 @@ def make_tuner(
         # failed worker is still replaced by a fresh one.
         reuse_actors=cfg.sweep.reuse_actors,
     )
-    return tune.Tuner(trainable(cfg, data), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(cfg: ExperimentConfig, data: TaskData) -> tune.Tuner:
+def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> tune.Tuner:
     """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
     searcher's state (TPE's history) restored so no trial runs twice."""
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
-    return tune.Tuner.restore(
-        path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+    tuner = tune.Tuner.restore(
+        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
     )
+    if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
+        restored_tune_config(tuner).max_concurrent_trials = cfg.sweep.max_concurrent_trials
+    return tuner
+
+
+def restored_tune_config(tuner: tune.Tuner) -> tune.TuneConfig:
+    """The TuneConfig a restored Tuner runs with: the one pickled when the sweep started (Tune has no public way to
+    change it on restore; tests/test_tuner.py checks this attribute path still holds it)."""
+    return tuner._local_tuner._tune_config
 
 
 def describe(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a sweep will do (for --dry-run and the log)."""
     s = cfg.sweep
     budget = s.num_samples * cfg.train.max_epochs
+    if s.deterministic:
+        mode = (
+            f"deterministic: trials planned {s.trials_per_batch} at a time from finished trials in trial-number "
+            "order"
+            + (", early stopping decided in trial-number order" if s.scheduler == "asha" else "")
+            + "; the same trials and metrics at any concurrency and timing"
+        )
+    else:
+        mode = "asynchronous: the searcher and scheduler act in the order trials report (reproducible in distribution)"
     return {
+        "mode": mode,
         "searcher": f"{s.searcher} (seed {cfg.seed}"
         + (f", {s.n_startup_trials} random start-up trials)" if s.searcher == "tpe" else ")"),
         "scheduler": s.scheduler

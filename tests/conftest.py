@@ -3,8 +3,10 @@ with a timeout and always stop what they start, by process id."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from lorahpo.config import ExperimentConfig, apply_overrides, load_config
@@ -47,7 +50,8 @@ def snapshot_trials(experiment_state: bytes | str) -> set[str]:
     """Trial directories in a Tune experiment-state snapshot (experiment_state-*.json): what --resume restores. Ray Tune
     writes one about every 10 s, so a trial started since the last one is not in it (--resume runs it again)."""
     state = json.loads(experiment_state)
-    return {json.loads(trial)["relative_logdir"] for trial, _ in state["trial_data"]}
+    logdirs = {json.loads(trial)["relative_logdir"] for trial, _ in state["trial_data"]}
+    return logdirs - {None}  # a trial not started yet has no directory (a deterministic sweep queues trials early)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
@@ -120,7 +124,86 @@ def load_best(best: Path, split_json: Path, tmp_path: Path) -> dict[str, float]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def tiny_args(storage: Path, **overrides: object) -> list[str]:
+def tiny_args(storage: Path | str, **overrides: object) -> list[str]:
     """CLI overrides for a tiny sweep into `storage`."""
     merged = {**TINY, "sweep.storage_path": str(storage), **overrides}
     return [f"{k}={v}" for k, v in merged.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One deterministic sweep, run one trial at a time (the reference), then again in parallel, killed, on two nodes:
+# every run must give the same trials. One torch thread per trial whatever the CPU share, so that only the
+# concurrency changes between runs (threads change floating-point sums).
+
+DET_SWEEP = {
+    "sweep.num_samples": 6,
+    "sweep.trials_per_batch": 2,
+    "train.num_threads": 1,
+    "sweep.cpus_per_trial": 0.5,
+}
+DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"  # see lorahpo.tuner.test_delay
+
+
+@pytest.fixture(scope="session")
+def det_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The deterministic sweep with one trial at a time: its record (see `sweep_record`) and where it is."""
+    store = tmp_path_factory.mktemp("det_reference")
+    run = cli(tiny_args(store, **DET_SWEEP, **{"sweep.name": "ref", "sweep.max_concurrent_trials": 1}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    exp = store / "ref"
+    return {"record": sweep_record(lambda rel: (exp / rel).read_bytes()), "path": exp}
+
+
+def sweep_record(read: Callable[[str], bytes]) -> dict:
+    """What a sweep's results consist of, without what may differ between runs of it (trial ids, times, pids,
+    paths): per trial in number order its params, per-epoch metrics, epochs and stop reason; the Optuna study (params,
+    values, intermediate values); the best trial, its params and its test-split score. `read(relative path)` reads
+    a file of the experiment directory (local or in a bucket)."""
+    df = pd.read_parquet(io.BytesIO(read("results.parquet")))
+    study = pickle.loads(read("optuna_res.pkl"))
+    summary = json.loads(read("summary.json"))
+    number = lambda trial_id: int(trial_id.split("_")[1])  # noqa: E731 (trial_<n>_<id>)
+    trials = []
+    for row in df.to_dict("records"):
+        curve = pd.read_csv(io.BytesIO(read(f"trials/{row['trial_id']}/metrics.csv")))
+        trials.append(
+            {
+                "n": number(row["trial_id"]),
+                "params": {k: v for k, v in row.items() if k.startswith("param.")},
+                "epochs": row["epochs"],
+                "stop_reason": row["stop_reason"],
+                "best_val_fbeta": row["best_val_fbeta"],
+                "curve": curve.drop(columns=["epoch_time_s"]).to_dict("list"),
+            }
+        )
+    return {
+        "trials": trials,
+        "study": [(t.params, t.value, t.intermediate_values) for t in study.trials],
+        "best": (number(summary["best_trial"]), summary["best_params"], summary["best_value"], summary["test"]),
+    }
+
+
+def first_report_times(exp: Path) -> dict[int, float]:
+    """When each trial (by number) reported its first epoch (so far)."""
+    times = {}
+    for p in exp.glob("trial_*/progress.csv"):
+        try:
+            times[int(p.parent.name.split("_")[1])] = float(pd.read_csv(p)["timestamp"].iloc[0])
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, IndexError, KeyError, OSError):
+            pass  # being written
+    return times
+
+
+def release_in_order(exp: Path, gates: dict[int, tuple[Path, list[int]]], timeout: float = 300) -> None:
+    """Create each gate file (trial n waits for it, see lorahpo.tuner.TEST_DELAYS_ENV) once the trials listed with
+    it have reported their first epoch."""
+    pending = dict(gates)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        reported = first_report_times(exp)
+        for n, (gate, after) in list(pending.items()):
+            if all(m in reported for m in after):
+                gate.touch()
+                del pending[n]
+        time.sleep(0.2)
+    assert not pending, f"trials {sorted(pending)} were never released: {first_report_times(exp)}"

@@ -118,3 +118,46 @@ def test_gpu_flops_formula() -> None:
     fpt = flops_per_token(LLAMA32_3B, 512, 14, 16, ["q_proj", "k_proj", "v_proj", "o_proj"])
     # forward ~ 2 x 2.82e9 linear + attention, backward ~ half of it (14 of 28 layers): ~8.8 GFLOP per token
     assert 8.6e9 < fpt < 9.0e9
+
+
+def test_prefix_cache_smoke(tmp_path: Path) -> None:
+    res = run_smoke("prefix_cache.py", tmp_path, timeout=600)
+    e = res["epochs"]
+    assert e["build"]["cuts"] == [2, 3] and positive(e["build"]["build_s"]) and positive(e["build"]["gb"])
+    assert [r["cut"] for r in e["table"]] == [3, 2, None]  # last_n 1, 2, 4 of 4 layers
+    for r in e["table"]:
+        assert positive(r["cached_train_tok_s"]["median"]) and positive(r["ratio_train_s"])
+        assert r["val_loss_diff"] < 1e-4  # the same training, with and without the cache
+    s = res["sweep"]
+    assert s["same_trials"] and s["last_n_of_trials"] == [1, 1, 2, 2]  # random + FIFO, seed 3: two of each
+    assert s["with_cache"]["cache"]["cuts"] == [2, 3] and s["without_cache"]["cache"] is None
+    assert s["with_cache"]["cache"]["max_abs_diff"] < 1e-5
+    assert positive(s["ratio_sum_trial_s"]) and positive(s["ratio_wall_s"])
+    assert s["with_cache"]["best_val_fbeta"] == pytest.approx(s["without_cache"]["best_val_fbeta"], abs=1e-6)
+    f = res["flops"]
+    assert [r["last_n"] for r in f["rows"]] == [10, 11, 12, 13, 14]
+    # fewer layers cached away, smaller gain: the speed-up falls as last_n grows, and stays above 1
+    assert [r["train_speedup"] for r in f["rows"]] == sorted((r["train_speedup"] for r in f["rows"]), reverse=True)
+    assert all(r["train_speedup"] > 1 and r["val_speedup"] > r["train_speedup"] for r in f["rows"])
+    d = res["deeper"]["sweeps"]
+    assert [(r["num_layers"], r["prefix_cache"]) for r in d] == [(4, False), (6, True)]
+    assert all(0 <= r["best_val_fbeta"] <= 1 and positive(r["wall_s"]) for r in d)
+
+
+def test_determinism_cost_smoke(tmp_path: Path) -> None:
+    res = run_smoke("determinism_cost.py", tmp_path)
+    assert res["simulated"] and [(r["slots"], r["trials_per_batch"]) for r in res["rows"]] == [
+        (1, 1),
+        (1, 4),
+        (2, 2),
+        (2, 4),
+    ]
+    for r in res["rows"]:
+        assert 0 < r["det_utilisation"] <= 1 and 0 < r["async_utilisation"] <= 1 and positive(r["wall_ratio_mean"])
+        for run in r["runs"]:
+            assert run["det"]["trial_epochs"] >= 8 and 0 < run["det"]["best"] <= 1
+    # a deterministic sweep with the same trials_per_batch is the same sweep at 1 and 2 slots
+    same = [r for r in res["rows"] if r["trials_per_batch"] == 4]
+    for one, two in zip(same[0]["runs"], same[1]["runs"]):
+        assert (one["det"]["best"], one["det"]["trial_epochs"]) == (two["det"]["best"], two["det"]["trial_epochs"])
+    assert same[0]["det_utilisation"] == 1.0 and same[1]["det_utilisation"] < 1.0

@@ -58,6 +58,18 @@ def test_resume_config_diff_lists_each_change_except_where_it_lives() -> None:
     assert "(lora.r: 8 -> 4; train.lr: 0.002 -> 0.001)" in str(e.value)
 
 
+def test_resume_may_change_concurrency_only_of_a_deterministic_sweep() -> None:
+    """A deterministic sweep's results do not depend on how many trials run at once; an asynchronous sweep's do."""
+    check_same_config(tiny_config(**{"sweep.max_concurrent_trials": 3}), config_yaml(tiny_config()), "X")
+    old = tiny_config(**{"sweep.deterministic": False})
+    with pytest.raises(UserError, match=r"\(sweep.max_concurrent_trials: 1 -> 3\)"):
+        check_same_config(
+            tiny_config(**{"sweep.deterministic": False, "sweep.max_concurrent_trials": 3}), config_yaml(old), "X"
+        )
+    with pytest.raises(UserError, match=r"\(sweep.deterministic: False -> True\)"):
+        check_same_config(tiny_config(), config_yaml(old), "X")
+
+
 def test_storage_causes_are_one_line_each() -> None:
     s3 = tiny_config(**{"sweep.storage_path": "s3://bkt/p", "sweep.s3_endpoint": "http://127.0.0.1:9"})
     aws = "AWS Error NO_SUCH_BUCKET during HeadBucket operation: The bucket does not exist (Request ID: 1)"

@@ -29,7 +29,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from .conftest import ROOT, cli, cli_background, kill_group, snapshot_trials, tiny_args, wait_for
+from .conftest import (
+    DET_SWEEP,
+    ROOT,
+    cli,
+    cli_background,
+    kill_group,
+    snapshot_trials,
+    sweep_record,
+    tiny_args,
+    wait_for,
+)
 from .test_sweep import OUTPUTS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -425,7 +435,7 @@ def test_storage_not_shared_across_nodes_is_one_line(cluster: Cluster) -> None:
 # Sweeps on the cluster
 
 
-def test_sweep_on_two_nodes_into_s3(s3: S3Server, cluster: Cluster, tmp_path: Path) -> None:
+def test_sweep_on_two_nodes_into_s3(s3: S3Server, cluster: Cluster, tmp_path: Path, det_reference: dict) -> None:
     name = "two_nodes"
     # Meanwhile, a driver with the wrong token: token auth is on, and it is refused (Ray retries ~20 s before that).
     wrong = tmp_path / "wrong_token"
@@ -440,9 +450,10 @@ def test_sweep_on_two_nodes_into_s3(s3: S3Server, cluster: Cluster, tmp_path: Pa
     )
     try:
         start = time.monotonic()
-        # Two trials at once on two one-CPU nodes: one per node. A fresh worker per trial: with reused workers, a tiny
-        # trial can finish on one node before the other node's worker has started, and the second trial reuses it.
-        overrides = {"sweep.num_samples": 2, "sweep.reuse_actors": False}
+        # The deterministic sweep of tests/conftest.py (its first four trials), two at once on two one-CPU nodes: one
+        # per node. A fresh worker per trial: with reused workers, a tiny trial can finish on one node before the
+        # other node's worker has started, and the next trial reuses it.
+        overrides = {**DET_SWEEP, "sweep.num_samples": 4, "sweep.cpus_per_trial": 1, "sweep.reuse_actors": False}
         run = cli(["--address", cluster.address, *sweep_args(s3, name, **overrides)], env=cluster.env)
         assert run.returncode == 0, run.stderr[-3000:]
         elapsed = time.monotonic() - start
@@ -456,10 +467,18 @@ def test_sweep_on_two_nodes_into_s3(s3: S3Server, cluster: Cluster, tmp_path: Pa
     for output in OUTPUTS:  # everything the sweep writes is in the bucket
         assert f"{exp}/{output}" in keys, output
     df = pd.read_parquet(io.BytesIO(s3.read(f"{exp}/results.parquet")))
-    assert len(df) == 2 and df["trial_id"].is_unique
+    assert len(df) == 4 and df["trial_id"].is_unique
     for trial in df["trial_id"]:
         assert f"{exp}/trials/{trial}/metrics.csv" in keys
         assert any(k.startswith(f"{exp}/{trial}/checkpoint_") for k in keys)
+
+    # The same trials as on one node, one at a time: the reference sweep's first four (a deterministic sweep's first
+    # trials do not depend on how many follow), and the best of them chosen.
+    record = sweep_record(lambda rel: s3.read(f"{exp}/{rel}"))
+    reference = det_reference["record"]
+    assert record["trials"] == reference["trials"][:4] and record["study"] == reference["study"][:4]
+    best = max(reference["trials"][:4], key=lambda t: t["best_val_fbeta"])  # the first of equals, as best_row
+    assert record["best"][0] == best["n"]
 
     # Placement: every epoch row says where it ran; trials ran on both nodes, one of them the worker node.
     rows = pd.concat([history(s3, name, t) for t in df["trial_id"]])
@@ -486,14 +505,19 @@ def test_sweep_on_two_nodes_into_s3(s3: S3Server, cluster: Cluster, tmp_path: Pa
     )
     assert read.returncode == 0, read.stderr[-3000:]
     got = json.loads(read.stdout.strip().splitlines()[-1])
-    assert got["rows"] == got["grid"] == 2 and got["ids"] == sorted(df["trial_id"])
+    assert got["rows"] == got["grid"] == 4 and got["ids"] == sorted(df["trial_id"])
     assert all(p.startswith(f"{BUCKET}/{exp}/") for p in got["paths"]) and got["curve"] >= 1
-    print(f"\n[two nodes] 2 trials on 2 nodes in {elapsed:.0f} s")
+    print(f"\n[two nodes] 4 trials on 2 nodes in {elapsed:.0f} s")
 
 
 def test_driver_killed_then_resume_from_bucket(s3: S3Server, cluster: Cluster, tmp_path: Path, procs: list) -> None:
     name = "driver_kill"
-    overrides = {"sweep.num_samples": 3, "sweep.scheduler": "fifo", "data.max_examples": 1500}
+    overrides = {
+        "sweep.num_samples": 3,
+        "sweep.scheduler": "fifo",
+        "data.max_examples": 1500,
+        "sweep.deterministic": False,  # the asynchronous path's resume (the deterministic one: tests/test_sweep.py)
+    }
     args = ["--address", cluster.address, *sweep_args(s3, name, **overrides)]
     proc = cli_background(args, tmp_path / "driver.log", env=cluster.env)
     procs.append(proc)
@@ -575,6 +599,9 @@ def test_storage_lost_mid_sweep_then_resume(cluster: Cluster, tmp_path: Path, pr
 def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
     """The worker node dies (SIGKILL of its whole process group) while its trial trains: the trial is retried on
     the head node from its last checkpoint in the bucket, and the sweep ends with every trial finished."""
+    # Epochs take ~1 s and the driver sees a result seconds after the worker sends it: the trial needs epochs
+    # left after the first ones seen (with 3 epochs it once finished before the kill landed).
+    epochs = 8
     c = Cluster()  # a cluster of its own: this one loses a node
     try:
         c.start()
@@ -584,7 +611,7 @@ def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
             "sweep.scheduler": "fifo",
             "sweep.max_failures": 2,
             "data.max_examples": 1500,
-            "train.max_epochs": 3,
+            "train.max_epochs": epochs,
         }
         proc = cli_background(["--address", c.address, *sweep_args(s3, name, **overrides)], tmp_path / "d.log", c.env)
         procs.append(proc)
@@ -608,12 +635,12 @@ def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
 
     df = pd.read_parquet(io.BytesIO(s3.read(f"{PREFIX}/{name}/results.parquet")))
     assert len(df) == 3 and df["trial_id"].is_unique and trial in set(df["trial_id"])
-    assert (df["epochs"] == 3).all() and (df["stop_reason"] == "max_epochs").all() and df["error"].isna().all()
+    assert (df["epochs"] == epochs).all() and (df["stop_reason"] == "max_epochs").all() and df["error"].isna().all()
     h = history(s3, name, trial)
-    assert h["epoch"].tolist() == [1, 2, 3], h[["epoch", "node_id", "pid"]]  # none lost, none repeated
+    assert h["epoch"].tolist() == list(range(1, epochs + 1)), h[["epoch", "node_id", "pid"]]  # none lost, none repeated
     on_worker = h[h["node_id"] == c.worker_id]
     assert len(on_worker) >= 1 and (h.iloc[len(on_worker) :]["node_id"] == c.head_id).all()
-    assert len(on_worker) < 3, "the node was killed before its trial finished"
+    assert len(on_worker) < epochs, "the node was killed before its trial finished"
     gap = h["timestamp"].iloc[len(on_worker)] - h["timestamp"].iloc[len(on_worker) - 1]
     print(
         f"\n[node lost] trial {trial}: epochs {on_worker['epoch'].tolist()} on the lost node, the rest on the head "

@@ -283,6 +283,7 @@ def test_config_point_outside_space(run) -> None:
     assert "names ['train.batch_size'], which are not in the search space" in run(
         "sweep.points_to_evaluate=[{train.batch_size: 8}]"
     )
+    assert "sweep.trials_per_batch=0 must be >= 1" in run("sweep.trials_per_batch=0")
 
 
 def test_config_file_missing_and_invalid(run, tmp_path: Path) -> None:

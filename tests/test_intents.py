@@ -27,6 +27,8 @@ from lorahpo.data import (
 )
 from lorahpo.errors import UserError
 from lorahpo.module import evaluate
+from lorahpo.prefix import build_in_memory, plan_prefix
+from lorahpo.sources import load_model_config
 from lorahpo.trainable import CKPT_NAME, fit, load_trained
 
 from .conftest import ROOT, tiny_args
@@ -143,8 +145,8 @@ TABLE_COLUMNS = ["config_id", *(f"param.{k}" for k in GRID_KEYS), "trial_id", "e
 @pytest.mark.slow
 def test_tabulate_smoke_table_matches_normal_trials(tmp_path: Path, tiny_data: TaskData) -> None:
     """The smoke table: 4 configs (the baseline first) x 2 epochs, every column; its val scores are those of the same
-    config trained without the tabulation's test scoring, and its test scores those of `evaluate` on each epoch's
-    checkpoint (what a sweep's final scoring computes)."""
+    config trained as a normal sweep's trial (from the prefix cache) without the tabulation's test scoring, and its
+    test scores those of `evaluate` on each epoch's checkpoint (what a sweep's final scoring computes)."""
     res = run_smoke("tabulate.py", tmp_path)
     df = pd.read_parquet(tmp_path / "intents_grid.parquet")
     assert list(df.columns) == TABLE_COLUMNS
@@ -169,7 +171,10 @@ def test_tabulate_smoke_table_matches_normal_trials(tmp_path: Path, tiny_data: T
         kept = shutil.copytree(ckpt_dir, tmp_path / f"epoch{metrics['epoch']}")
         epochs.append({**metrics, "checkpoint": kept / CKPT_NAME})
 
-    fit(trial_cfg, data, report, num_threads=2)  # a normal trial: no test scoring during training
+    # a normal trial: the sweep's prefix cache (built with fixed threads: the same bits), no test scoring
+    cache = build_in_memory(cfg, data, plan_prefix(cfg, load_model_config(cfg.model), data))
+    assert cache.plan.cuts == (3,)  # last_n 1 trains from cached states: the cached path is the one compared
+    fit(trial_cfg, data, report, num_threads=2, prefix=cache)
     for e in epochs:
         scores = evaluate(load_trained(trial_cfg, data, e["checkpoint"]), data.test, trial_cfg, data.tokenizer)
         e.update({f"test_{k}": v for k, v in scores.items()})

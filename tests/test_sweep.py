@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import signal
 from pathlib import Path
 
@@ -15,11 +16,25 @@ import yaml
 
 from lorahpo.config import load_config, to_dict
 from lorahpo.data import BUNDLED_PATH, load_task
+from lorahpo.prefix import build_in_memory, plan_prefix
 from lorahpo.results import load_experiment, load_journal, read_tables, study_differences
-from lorahpo.sources import load_tokenizer
+from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.trainable import fit
 
-from .conftest import cli, cli_background, load_best, snapshot_trials, tiny_args, tiny_config, wait_for
+from .conftest import (
+    DELAYS_ENV,
+    DET_SWEEP,
+    cli,
+    cli_background,
+    first_report_times,
+    load_best,
+    release_in_order,
+    snapshot_trials,
+    sweep_record,
+    tiny_args,
+    tiny_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 VAL = ["val_loss", "val_accuracy", "val_f1", "val_fbeta"]
@@ -84,6 +99,7 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
             "sweep.reduction_factor": 2,
             "sweep.storage_path": str(tmp_path / "store"),
             "sweep.name": "e2e",
+            "sweep.deterministic": False,  # the asynchronous path, as before deterministic sweeps existed
         },
     )
     run = cli(["--config", str(config)])
@@ -125,6 +141,12 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     assert summary["best_trial"] == best["trial_id"] and summary["num_trials"] == 4
     assert set(summary["test"]) == {"test_accuracy", "test_f1", "test_fbeta", "test_loss"}
     assert summary["test_size"] == 60
+    # the trials trained from the prefix cache (lora.last_n=2 of 4: the inputs of layer 2); the best checkpoint's val
+    # metrics through the full model match what its trial reported from the cache
+    check = summary["prefix_cache"]
+    assert check["cuts"] == [2] and check["where"] == "memory" and check["best_trial_cut"] == 2
+    assert check["max_abs_diff"] < 1e-5 and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
+    assert (df["trainable_params"] > 0).all()
     assert f"Results: {exp}" in run.stdout and "test split:" in run.stdout
 
     cfg = load_config(exp / "best" / "best_config.yaml")
@@ -148,48 +170,45 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     assert [t.params for t in tables["study"].trials] == [t.params for t in study.trials]
 
 
-def test_sequential_sweep_is_reproducible(tmp_path: Path) -> None:
-    def sweep(name: str, seed: int) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
-        run = cli(
-            tiny_args(
-                tmp_path,
-                **{
-                    "sweep.name": name,
-                    "seed": seed,
-                    "sweep.num_samples": 3,
-                    "sweep.n_startup_trials": 2,
-                    "sweep.points_to_evaluate": "[]",
-                },
-            )
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        df = pd.read_parquet(tmp_path / name / "results.parquet")
-        curves = [pd.read_csv(tmp_path / name / "trials" / t / "metrics.csv")[EPOCH] for t in df["trial_id"]]
-        return df, curves
-
-    a, ca = sweep("a", 42)
-    b, cb = sweep("b", 42)
-    params = [c for c in a if c.startswith("param.")]
-    pd.testing.assert_frame_equal(a[params], b[params])
-    assert a["stop_reason"].tolist() == b["stop_reason"].tolist()
-    for x, y in zip(ca, cb):
-        pd.testing.assert_frame_equal(x, y, check_exact=True)
-    c, _ = sweep("c", 7)
-    assert not a[params].equals(c[params])
+def det_sweep(tmp_path: Path, name: str, slots: int, delays: dict | None = None) -> tuple[list[str], dict]:
+    """The CLI args of the deterministic sweep (tests/conftest.py DET_SWEEP) into tmp_path/name with `slots` trials
+    at once, and the environment that injects per-trial delays (lorahpo.tuner.TEST_DELAYS_ENV)."""
+    args = tiny_args(tmp_path, **DET_SWEEP, **{"sweep.name": name, "sweep.max_concurrent_trials": slots})
+    return args, ({DELAYS_ENV: json.dumps(delays)} if delays else {})
 
 
-def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None:
-    args = tiny_args(
-        tmp_path,
-        **{
-            "sweep.name": "kill",
-            "sweep.num_samples": 4,
-            "data.max_examples": 1500,
-            "train.max_epochs": 2,
-            "sweep.scheduler": "fifo",
-        },
-    )
-    proc = cli_background(args, tmp_path / "driver.log")
+def local_record(exp: Path) -> dict:
+    return sweep_record(lambda rel: (exp / rel).read_bytes())
+
+
+def test_sweep_is_reproducible_at_any_concurrency(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """The same deterministic sweep one, two and three trials at a time, the first trials held back until the later
+    ones have reported (so they report in reverse order): the same Optuna study, per-epoch metrics, stop reasons,
+    best trial and test score."""
+    reference = det_reference["record"]
+    reasons = [t["stop_reason"] for t in reference["trials"]]
+    assert len(reasons) == 6 and "asha_stop" in reasons and "max_epochs" in reasons  # ASHA stops some, not all
+    for name in OUTPUTS:
+        assert (det_reference["path"] / name).is_file(), name
+    for slots in (2, 3):
+        # trial n (n < slots) starts once trial n+1 has reported its first epoch: they report slots, ..., 2, 1
+        gates = {n: (tmp_path / f"go{slots}-{n}", [n + 1]) for n in range(1, slots)}
+        args, env = det_sweep(tmp_path, f"c{slots}", slots, {str(n): [str(g), 0] for n, (g, _) in gates.items()})
+        proc = cli_background(args, tmp_path / f"c{slots}.log", env=env)
+        procs.append(proc)
+        release_in_order(tmp_path / f"c{slots}", gates)
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"c{slots}.log").read_text()[-3000:]
+        first = first_report_times(tmp_path / f"c{slots}")
+        assert sorted(range(1, slots + 1), key=first.get) == list(range(slots, 0, -1)), first  # reversed
+        assert local_record(tmp_path / f"c{slots}") == reference, slots
+
+
+def test_driver_killed_then_resume_finishes(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """A deterministic sweep, three trials at a time, its driver SIGKILLed mid-sweep; --resume with two at a time
+    ends with the trials of the uninterrupted one-at-a-time run."""
+    args, env = det_sweep(tmp_path, "kill", 3, {"5": [120, 0]})  # trial 5 waits: the sweep is mid-flight then
+    log = tmp_path / "driver.log"
+    proc = cli_background(args, log, env=env)
     procs.append(proc)
     exp = tmp_path / "kill"
 
@@ -197,34 +216,53 @@ def test_driver_killed_then_resume_finishes(tmp_path: Path, procs: list) -> None
         states = sorted(exp.glob("experiment_state-*.json"))
         return snapshot_trials(states[-1].read_text()) if states else set()
 
-    # kill once the second trial has reported and is in the persisted state (one trial done, one mid-flight)
     wait_for(
-        lambda: (
-            len(snapshot()) >= 2
-            and sum(1 for p in exp.glob("*/progress.csv") if len(p.read_text().splitlines()) >= 2) >= 2
-        ),
+        lambda: len(snapshot()) >= 5 and "test delay: trial_005" in log.read_text(),
         timeout=300,
-        what="two trials reporting, both in the experiment state",
+        what="five trials in the experiment state, trial 5 waiting",
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     before = snapshot()
     assert not (exp / "results.parquet").exists()
 
-    run = cli(["--resume", *args])
+    resume, _ = det_sweep(tmp_path, "kill", 2)  # another max_concurrent_trials: a deterministic sweep accepts it
+    run = cli(["--resume", *resume])
     assert run.returncode == 0, run.stderr[-3000:]
     df = pd.read_parquet(exp / "results.parquet")
-    assert len(df) == 4 and df["trial_id"].is_unique
+    assert len(df) == 6 and df["trial_id"].is_unique
     assert before <= set(df["trial_id"])  # the trials Tune had recorded were kept, not rerun under new ids
-    params = [c for c in df if c.startswith("param.")]
-    assert not df[params].duplicated().any()
-    assert (df["epochs"] == 2).all() and (df["stop_reason"] == "max_epochs").all()
+    assert local_record(exp) == det_reference["record"]
     # the live journal continued across the crash: each trial once, the same study as the pickle, not rebuilt
     journal = load_journal(exp / "optuna_journal.log")
     assert sorted(t.user_attrs["trial_id"] for t in journal.trials) == sorted(df["trial_id"])
     assert study_differences(journal, pickle.load(open(exp / "optuna_res.pkl", "rb"))) == []  # noqa: SIM115
     ops = [json.loads(line)["op_code"] for line in (exp / "optuna_journal.log").read_text().splitlines()]
-    assert ops.count(4) == 4 and ops.count(7) >= 8 and "rebuilt" not in run.stderr  # created once, written live
+    assert ops.count(4) == len(df) and "rebuilt" not in run.stderr  # each trial created once, written live
+
+
+def test_worker_killed_in_a_parallel_deterministic_sweep(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """Two trials at a time; trial 1 is held back until trials 2-4 have reported epoch 1 and wait, paused. A trial that
+    then resumes from its epoch-1 checkpoint has its worker SIGKILLed before its next report: Tune retries it from
+    that checkpoint, and the sweep ends with the undisturbed run's trials, values and stop decisions."""
+    reference = det_reference["record"]
+    victim = next((t["n"] for t in reference["trials"] if 2 <= t["n"] <= 4 and t["epochs"] == 2), None)
+    assert victim is not None, "no trial of 2-4 continues past epoch 1 in the reference: nothing to kill mid-run"
+    gate = tmp_path / "go"
+    args, env = det_sweep(tmp_path, "wkill", 2, {"1": [str(gate), 0], str(victim): [0, 8]})
+    log = tmp_path / "driver.log"
+    proc = cli_background(args, log, env=env)
+    procs.append(proc)
+    release_in_order(tmp_path / "wkill", {1: (gate, [2, 3, 4])})
+    waits = re.compile(rf"test delay: trial_{victim:03d}_\w+ waits for 8 in pid (\d+)")
+    pid = int(wait_for(lambda: waits.findall(log.read_text()), 300, f"trial {victim} resuming")[0])
+    os.kill(pid, signal.SIGKILL)  # resumed from its checkpoint, before its next report
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+    assert len(waits.findall(log.read_text())) == 2  # the retry resumed from the checkpoint too
+    curve = pd.read_csv(next((tmp_path / "wkill").glob(f"trial_{victim:03d}_*/progress.csv")))
+    assert curve["epoch"].tolist() == [1, 2] and curve["pid"].iloc[-1] != pid  # none lost, none repeated
+    assert local_record(tmp_path / "wkill") == reference
 
 
 def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, procs: list) -> None:
@@ -263,8 +301,10 @@ def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, proc
 
     cfg = load_config(config)
     data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+    # the sweep's trial trained from the prefix cache a Ray task built; one built here holds the same bits
+    cache = build_in_memory(cfg, data, plan_prefix(cfg, load_model_config(cfg.model), data))
     rows: list[dict] = []
-    fit(cfg, data, lambda r, d: rows.append(r), num_threads=int(cfg.sweep.cpus_per_trial))
+    fit(cfg, data, lambda r, d: rows.append(r), num_threads=int(cfg.sweep.cpus_per_trial), prefix=cache)
     uninterrupted = pd.DataFrame(rows)[EPOCH]
     pd.testing.assert_frame_equal(hist[EPOCH].reset_index(drop=True), uninterrupted, check_exact=True)
 
@@ -273,6 +313,7 @@ def test_dry_run_trains_nothing(tmp_path: Path) -> None:
     run = cli(tiny_args(tmp_path / "store", **{"sweep.num_samples": 5, "train.max_epochs": 3}) + ["--dry-run"])
     assert run.returncode == 0, run.stderr
     assert "5 trials x up to 3 epochs = at most 15 trial-epochs" in run.stdout
+    assert "mode: 'deterministic: trials planned 4 at a time" in run.stdout
     assert "search_space:" in run.stdout and "storage:" in run.stdout and "resources:" in run.stdout
     assert not (tmp_path / "store").exists()
 

@@ -1,0 +1,363 @@
+"""Deterministic sweeps: trials are numbered in the order the searcher suggests them, and every choice is a function of
+earlier trials' results taken in that order, never of which trial reported first.
+
+- `BatchSearcher` plans trials in batches of `sweep.trials_per_batch`: batch k comes from a FRESH Optuna study whose
+  sampler is seeded from (seed, k), told every trial of batches <= k-2 (finished by then; value = the running best, as
+  OptunaSearch tells it) and shown the params of batch k-1 as running trials (TPE's constant liar steers away from
+  them). No sampler state is carried from batch to batch, so a resumed sweep plans exactly what an uninterrupted one
+  would. Batch k waits only for batch k-2, so batch k-1 keeps the slots busy meanwhile.
+- `OrderedScheduler` is successive halving with ASHA's rule (rungs, cutoff, reduction factor, max_t) applied as if
+  trials had reported in trial-number order: trial i at a rung is compared with the rung values of all trials j < i that
+  reached it. If some j < i has not yet reached or passed that rung, trial i PAUSEs (at the checkpoint it just
+  reported) until it has. It also decides which trial runs next: the lowest-numbered runnable one, at most
+  `sweep.max_concurrent_trials` at once. Tune hands that limit to the searcher (`set_max_concurrency`: the searcher
+  handles it, so Tune's ConcurrencyLimiter, which would count paused trials as running, stands aside) and still sizes
+  its queue of starting trials by it.
+
+What both share (each trial's params and per-epoch tuning metric, whether it ended) lives in the searcher, because Tune
+checkpoints the searcher with every experiment snapshot and restores it on --resume; the scheduler keeps nothing that
+cannot be rebuilt from it. Tune saves the searcher and its trial list in separate files, uploaded in the background, so
+a driver killed during an upload can leave them out of step; Tune's trial list wins (see `BatchSearcher.confirm`).
+
+The pure functions (`rung_epochs`, `rung_decision`, `plan_batch`, `batch_gate_open`) are the whole policy; the two
+classes adapt them to Tune's calls (and bench/simulate.py drives the same classes).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from lorahpo.config import ExperimentConfig, tuning_metric
+from lorahpo.space import optuna_space
+
+log = logging.getLogger(__name__)
+CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
+EPOCH = "epoch"  # the trainable's 1-based count of completed epochs: the rung axis (ASHA's time_attr)
+EARLY_STOPPED = "early_stopped"  # set on the report that ends a trial by patience (trainable.EpochReporter)
+
+
+@dataclass
+class TrialRecord:
+    """What the sweep knows of one trial, by trial number."""
+
+    trial_id: str
+    params: dict[str, Any]
+    values: dict[int, float] = field(default_factory=dict)
+    """Tuning metric (the running best) reported after each epoch."""
+    ended: bool = False
+    failed: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy, as pure functions
+
+
+def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> tuple[int, ...]:
+    """ASHA's milestones (one bracket), ascending; the same expression as ray.tune's _Bracket so they always agree."""
+    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
+    return tuple(grace_period * reduction_factor**k for k in range(count))
+
+
+def rung_decision(records: list[TrialRecord], n: int, epoch: int, reduction_factor: int, sign: float) -> str | None:
+    """ASHA's decision for trial n at rung `epoch`, as if trials had reported in number order: STOP when its value is
+    below the (1 - 1/rf) quantile of the rung values of the trials before it, else CONTINUE. None while an earlier
+    trial has neither reported that epoch nor ended: the decision is not known yet. `sign` is +1 to maximise."""
+    earlier = []
+    for rec in records[:n]:
+        if epoch in rec.values:
+            earlier.append(sign * rec.values[epoch])
+        elif not rec.ended:
+            return None
+    if not earlier:
+        return CONTINUE
+    cutoff = np.nanpercentile(earlier, (1 - 1 / reduction_factor) * 100)
+    return STOP if sign * records[n].values[epoch] < cutoff else CONTINUE
+
+
+LAG = 2
+"""Batch k is planned from the trials of batches <= k - LAG: LAG - 1 batches run while the sampler waits for data."""
+
+
+def told_before(k: int, per_batch: int) -> int:
+    """Batch k is planned from trials 0 .. told_before(k) - 1 (batches <= k - LAG), finished by then."""
+    return max(0, (k - LAG + 1) * per_batch)
+
+
+def batch_gate_open(records: list[TrialRecord], k: int, per_batch: int) -> bool:
+    """Batch k may be planned once every trial of batches <= k - LAG has ended."""
+    return all(rec.ended for rec in records[: told_before(k, per_batch)])
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """The sampler seed of batch k: a fixed function of the root seed and k."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def final_value(rec: TrialRecord) -> float | None:
+    """What the sampler is told of a finished trial: its last tuning-metric value (the running best)."""
+    return rec.values[max(rec.values)] if rec.values and not rec.failed else None
+
+
+def plan_batch(
+    cfg: ExperimentConfig, k: int, finished: list[TrialRecord], running: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The `trials_per_batch` params of batch k: a fresh study, seeded from (seed, k), told the finished trials in
+    number order and the running ones; `points_to_evaluate` that fall in this batch come first."""
+    seed = batch_seed(cfg.seed, k)
+    if cfg.sweep.searcher == "tpe":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=cfg.sweep.n_startup_trials
+        )
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    direction = "maximize" if cfg.train.mode == "max" else "minimize"
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study per batch: no "new study created" line for each
+    try:
+        study = optuna.create_study(direction=direction, sampler=sampler)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    space = optuna_space(cfg)
+    done, failed = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    for rec in finished:
+        value = final_value(rec)
+        trial = optuna.trial.create_trial(
+            params=rec.params, distributions=space, value=value, state=done if value is not None else failed
+        )
+        study.add_trial(trial)
+    for params in running:
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=space, state=optuna.trial.TrialState.RUNNING)
+        )
+    per_batch = cfg.sweep.trials_per_batch
+    for point in cfg.sweep.points_to_evaluate[k * per_batch : (k + 1) * per_batch]:
+        study.enqueue_trial(dict(point))  # a partial point: the sampler fills in the rest
+    return [study.ask(fixed_distributions=space).params for _ in range(per_batch)]
+
+
+def record_result(
+    records: list[TrialRecord], index: dict[str, int], trial_id: str, result: dict[str, Any], metric: str
+) -> None:
+    """Note a trial's per-epoch tuning metric (a report seen twice, e.g. replayed after a resume, is the same)."""
+    if trial_id in index and EPOCH in result and metric in result:
+        records[index[trial_id]].values[int(result[EPOCH])] = float(result[metric])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The searcher
+
+
+class BatchSearcher(Searcher):
+    """Suggests trial n from batch n // trials_per_batch, planned once its gate is open (None until then: Tune asks
+    again at its next step). Holds the records the scheduler decides from; Tune saves and restores them."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(metric=tuning_metric(cfg), mode=cfg.train.mode)
+        self.cfg = cfg
+        self.records: list[TrialRecord] = []
+        self.index: dict[str, int] = {}
+        self.batches: dict[int, list[dict[str, Any]]] = {}
+        self.max_concurrent = cfg.sweep.max_concurrent_trials
+        self.confirmed: set[str] = set()  # trials Tune has added (not saved: Tune adds them again on --resume)
+        self.restored = False
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Tune's `max_concurrent_trials`: the scheduler admits at most this many running trials (True: Tune's
+        ConcurrencyLimiter leaves the limiting to us). Not part of the saved state: --resume may change it."""
+        self.max_concurrent = max_concurrent
+        return True
+
+    def confirm(self, trial_id: str, params: dict[str, Any], tag_number: int, live: bool) -> None:
+        """Tune added a trial (new, retried or restored). On --resume this reconciles the records with Tune's trials:
+        a trial Tune restored but the saved records lack (saved earlier) is recorded under its number; a trial Tune
+        will run again is not ended."""
+        if trial_id not in self.index and tag_number == len(self.records):
+            log.warning("the searcher's saved state lacks %s (the driver stopped mid-save); taken from Tune", trial_id)
+            self.index[trial_id] = tag_number
+            self.records.append(TrialRecord(trial_id, {k: params[k] for k in self.cfg.search if k in params}))
+        if trial_id in self.index:
+            self.confirmed.add(trial_id)
+            if live:
+                rec = self.records[self.index[trial_id]]
+                rec.ended = rec.failed = False
+
+    def forget_unconfirmed(self) -> None:
+        """Once after --resume: drop trials Tune did not restore (the newest trials of a searcher state saved after
+        Tune's trial list). They are suggested again, with the same params (each batch is a pure function)."""
+        while self.restored and self.records and self.records[-1].trial_id not in self.confirmed:
+            lost = self.records.pop().trial_id
+            del self.index[lost]
+            log.warning("Tune's saved trials lack %s (the driver stopped mid-save); it is suggested again", lost)
+        self.restored = False
+
+    def end(self, trial_id: str, failed: bool) -> None:
+        if trial_id in self.index and not self.records[self.index[trial_id]].ended:
+            rec = self.records[self.index[trial_id]]
+            rec.ended, rec.failed = True, failed
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self.forget_unconfirmed()
+        n, per_batch = len(self.records), self.cfg.sweep.trials_per_batch
+        if n >= self.cfg.sweep.num_samples:
+            return Searcher.FINISHED
+        k = n // per_batch
+        if k not in self.batches:
+            if not batch_gate_open(self.records, k, per_batch):
+                return None
+            finished = self.records[: told_before(k, per_batch)]
+            running = [dict(p) for j in range(max(0, k - LAG + 1), k) for p in self.batches[j]]
+            self.batches[k] = plan_batch(self.cfg, k, finished, running)
+        params = dict(self.batches[k][n % per_batch])
+        self.index[trial_id] = n
+        self.records.append(TrialRecord(trial_id, params))
+        return params
+
+    def number(self, trial_id: str) -> int:
+        """A trial's number (suggestion order); trials this searcher did not suggest sort last."""
+        return self.index.get(trial_id, len(self.records))
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        record_result(self.records, self.index, trial_id, result, self.metric)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id not in self.index:
+            return
+        if result:
+            record_result(self.records, self.index, trial_id, result, self.metric)
+        rec = self.records[self.index[trial_id]]
+        rec.ended, rec.failed = True, error
+
+    def get_state(self) -> dict[str, Any]:
+        return {"records": self.records, "index": self.index, "batches": self.batches}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        # in place: the scheduler holds this object, not its attributes
+        self.records, self.index, self.batches = state["records"], state["index"], state["batches"]
+        self.confirmed, self.restored = set(), True
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scheduler
+
+
+def checkpoint_metrics(trial: Any) -> dict[str, Any]:
+    """The report a trial would resume after: that of its latest checkpoint ({} before its first)."""
+    result = trial.latest_checkpoint_result
+    return dict(result.metrics or {}) if result is not None else {}
+
+
+class OrderedScheduler(TrialScheduler):
+    """Early stopping in trial-number order (ASHA's rule; with `sweep.scheduler=fifo`, none) and admission of trials:
+    Tune starts every PENDING trial that fits the cluster, so trials the scheduler has not chosen are parked as
+    PAUSED, and `choose_trial_to_run` starts the lowest-numbered runnable one while fewer than `slots` run."""
+
+    def __init__(self, cfg: ExperimentConfig, searcher: BatchSearcher):
+        super().__init__()
+        self.searcher = searcher
+        self.halving = cfg.sweep.scheduler == "asha"
+        self.max_t = cfg.train.max_epochs
+        self.rungs = rung_epochs(cfg.sweep.grace_period, cfg.sweep.reduction_factor, self.max_t) if self.halving else ()
+        self.reduction_factor = cfg.sweep.reduction_factor
+        self.sign = 1.0 if cfg.train.mode == "max" else -1.0
+        self.admitted: set[str] = set()  # chosen to run, not paused or ended since
+
+    @property
+    def slots(self) -> int:
+        return self.searcher.max_concurrent
+
+    def decide(self, trial: Trial, epoch: int) -> str | None:
+        """CONTINUE, STOP, or None (not known yet) for a trial that has completed `epoch` epochs."""
+        if self.halving and epoch >= self.max_t:
+            return STOP  # as ASHA: a trial that reached max_t is done
+        s = self.searcher
+        if epoch not in self.rungs or trial.trial_id not in s.index:
+            return CONTINUE
+        n = s.index[trial.trial_id]
+        if epoch not in s.records[n].values:
+            return CONTINUE  # only if storage lost the searcher's newest state: train on rather than wait forever
+        return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign)
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        tag_number = int(str(trial.experiment_tag).split("_")[0] or 0) - 1  # SearchGenerator's counter, 1-based
+        live = trial.status not in (Trial.TERMINATED, Trial.ERROR)
+        self.searcher.confirm(trial.trial_id, dict(trial.config), tag_number, live)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        s = self.searcher
+        record_result(s.records, s.index, trial.trial_id, result, s.metric)
+        if EPOCH not in result:
+            return CONTINUE
+        if result.get(EARLY_STOPPED):
+            return CONTINUE  # this report ends the trial anyway; pausing it would resume a finished run
+        decision = self.decide(trial, int(result[EPOCH]))
+        if decision is None:
+            self.admitted.discard(trial.trial_id)
+            return PAUSE
+        return decision
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
+        self.admitted.discard(trial.trial_id)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self.admitted.discard(trial.trial_id)  # a retried trial queues again like any other
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self.admitted.discard(trial.trial_id)
+
+    def resume_decision(self, trial: Trial) -> str | None:
+        """May a paused (or never started) trial run? Judged at the checkpoint it would resume from, which after a
+        driver crash can be older than its last report (the report is replayed, with the same value)."""
+        at = checkpoint_metrics(trial)
+        if at.get(EARLY_STOPPED):
+            return STOP  # it had ended by patience; training on would add an epoch no uninterrupted run has
+        epoch = int(at.get(EPOCH, 0))
+        return CONTINUE if epoch == 0 else self.decide(trial, epoch)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        trials = sorted(tune_controller.get_trials(), key=lambda t: self.searcher.number(t.trial_id))
+        for t in trials:
+            if t.status == Trial.PENDING and t.trial_id not in self.admitted:
+                tune_controller._set_trial_status(t, Trial.PAUSED)  # whitelisted for schedulers
+            elif t.status in (Trial.TERMINATED, Trial.ERROR):  # ended, whether or not the searcher was told
+                self.searcher.end(t.trial_id, failed=t.status == Trial.ERROR)
+        chosen = None
+        for t in trials:
+            if t.status != Trial.PAUSED:
+                continue
+            decision = self.resume_decision(t)
+            if decision == STOP:
+                tune_controller.stop_trial(t)  # stopped where it paused, never resumed
+            elif decision == CONTINUE and chosen is None:
+                chosen = t
+        busy = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
+        if chosen is None or busy >= self.slots:
+            return None
+        self.admitted.add(chosen.trial_id)
+        return chosen
+
+    def debug_string(self) -> str:
+        mode = f"rungs at epochs {list(self.rungs)}" if self.halving else "no early stopping"
+        return f"Deterministic scheduling in trial-number order ({mode}), at most {self.slots} trials at once."
+
+    def save(self, checkpoint_path: str) -> None:
+        pass  # nothing of its own to keep: decisions come from the searcher's records
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

@@ -1,0 +1,281 @@
+"""The final evaluation's pieces without training: the metrics from predictions (against torchmetrics), the bootstrap
+interval on synthetic data whose answer is known, the paired gain, the seeds, the plan and the summary block; and the
+per-example predictions of the one evaluation routine, in split order."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from lorahpo.checks import check_finished, check_same_config
+from lorahpo.config import ExperimentConfig, apply_overrides, config_yaml
+from lorahpo.data import TaskData
+from lorahpo.errors import UserError
+from lorahpo.final import final_block, final_seeds, make_plan
+from lorahpo.module import evaluate, make_metrics, score_split
+from lorahpo.plots import write_final_plot
+from lorahpo.results import print_summary, summary_markdown
+from lorahpo.stats import CONFIDENCE, bootstrap_ci, metric, paired_gain, spread
+from lorahpo.trainable import build_module
+
+from .conftest import tiny_config
+
+METRICS = ["test_accuracy", "test_f1", "test_fbeta"]
+
+
+def no_nan(obj: object) -> object:
+    """JSON as summary.json holds it, refusing NaN and infinity."""
+    return json.loads(json.dumps(obj, allow_nan=False))
+
+
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_metrics_from_predictions_equal_torchmetrics(num_labels: int) -> None:
+    """The bootstrap's statistic is the metric the sweep reports: random cases, all-one-class predictions, a class
+    that never occurs (left out of torchmetrics' macro average), a single example."""
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        n = int(rng.integers(1, 50))
+        labels, preds = rng.integers(0, num_labels, n), rng.integers(0, num_labels, n)
+        if case % 4 == 0:
+            preds = np.zeros(n, dtype=int)
+        if case % 5 == 0:
+            labels = np.zeros(n, dtype=int)
+        reference = make_metrics(num_labels)
+        reference.update(torch.tensor(preds), torch.tensor(labels))
+        for name, value in reference.compute().items():
+            assert float(metric(name, preds, labels, num_labels)) == pytest.approx(value.item(), abs=1e-6), (case, name)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_as_the_test_split_grows() -> None:
+    """Exactly 90% of the predictions are right: accuracy is 0.9, and a 95% interval for a proportion is about
+    0.9 +- 1.96 * sqrt(0.9 * 0.1 / n). The percentile interval contains 0.9, matches that width within 15%, and
+    shrinks with n (about 1/sqrt(n)) for every metric."""
+    widths: dict[str, list[float]] = {m: [] for m in METRICS}
+    for n in (100, 400, 1600):
+        labels = np.tile([0, 0, 0, 0, 1], n // 5)  # 20% positive
+        preds = labels.copy()
+        preds[: n // 10] = 1 - preds[: n // 10]  # 10% wrong, from both classes
+        ci = bootstrap_ci(preds, labels, 2, seed=42)
+        assert set(ci) == set(METRICS)
+        for m in METRICS:
+            estimate = float(metric(m.removeprefix("test_"), preds, labels, 2))
+            assert ci[m][0] <= estimate <= ci[m][1], (n, m, ci[m], estimate)
+            widths[m].append(ci[m][1] - ci[m][0])
+        assert float(metric("accuracy", preds, labels, 2)) == pytest.approx(0.9)
+        expected = 2 * scipy.stats.norm.ppf(0.5 + CONFIDENCE / 2) * math.sqrt(0.9 * 0.1 / n)
+        assert widths["test_accuracy"][-1] == pytest.approx(expected, rel=0.15), n
+    assert bootstrap_ci(preds[:100], labels[:100], 2, seed=42) != ci
+    assert bootstrap_ci(preds, labels, 2, seed=42) == ci  # seeded: the same interval twice
+    for m in METRICS:
+        assert widths[m][0] > widths[m][1] > widths[m][2], (m, widths[m])
+
+
+def test_bootstrap_of_a_perfect_classifier_is_a_point_not_nan() -> None:
+    labels = np.array([0, 1] * 30)
+    assert bootstrap_ci(labels, labels, 2, seed=1) == {m: [1.0, 1.0] for m in METRICS}
+    assert bootstrap_ci([1], [1], 2, seed=1) == {m: [1.0, 1.0] for m in METRICS}  # nothing to resample
+
+
+def test_paired_gain_is_a_t_interval_over_the_differences() -> None:
+    tuned, baseline = [0.91, 0.95, 0.92], [0.90, 0.91, 0.90]
+    d = np.subtract(tuned, baseline)
+    half = scipy.stats.t.ppf(0.975, df=2) * d.std(ddof=1) / math.sqrt(3)
+    gain = paired_gain(tuned, baseline)
+    assert gain["mean"] == pytest.approx(d.mean())
+    assert gain["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert gain["values"] == pytest.approx(list(d))
+    # no spread to estimate: [d, d], never NaN (scipy's t interval is NaN there) nor a precision warning (float noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert paired_gain([0.75, 0.5], [0.5, 0.25])["ci95"] == [0.25, 0.25]
+        assert paired_gain([0.9, 0.8], [0.8, 0.7])["ci95"] == pytest.approx([0.1, 0.1])
+        assert paired_gain([0.9], [0.8])["ci95"] == pytest.approx([0.1, 0.1])
+    assert spread([0.5]) == {"mean": 0.5, "std": 0.0, "values": [0.5]}
+    assert spread([0.5, 0.7])["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_final_seeds_are_derived_distinct_and_avoid_the_sweeps_seeds() -> None:
+    seeds = final_seeds(42, 4, {42})
+    # pinned: SeedSequence(42, spawn_key=(stream, i)); another derivation would change every published final result
+    assert seeds[:2] == [848205069, 1421210842]
+    assert seeds == final_seeds(42, 4, {42}) and len(set(seeds)) == 4 and 42 not in seeds
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert final_seeds(42, 2, {42}) == seeds[:2]  # run i's seed does not depend on k: k=3 extends k=2
+    assert final_seeds(7, 4, {7}) != seeds
+    assert final_seeds(42, 3, {42, seeds[0]}) == seeds[1:4]  # a seed a trial used is skipped
+
+
+def plan_config(**overrides: object) -> ExperimentConfig:
+    return tiny_config(**{"final.seeds": 2, **overrides})
+
+
+def test_plan_pairs_the_seeds_and_never_duplicates_a_baseline_that_won() -> None:
+    cfg = plan_config()
+    point = dict(cfg.sweep.points_to_evaluate[0])
+    best = {**point, "train.lr": 1e-3}
+    plan = make_plan(cfg, best, {cfg.seed})
+    seeds = final_seeds(cfg.seed, 2, {cfg.seed})
+    assert plan["seeds"] == seeds and plan["experiment"] == "final_seeds2"
+    assert plan["baseline"] == point and plan["baseline_source"] == "sweep.points_to_evaluate[0]"
+    assert [(r["role"], r["index"], r["seed"]) for r in plan["runs"]] == [
+        ("tuned", 0, seeds[0]),
+        ("baseline", 0, seeds[0]),
+        ("tuned", 1, seeds[1]),
+        ("baseline", 1, seeds[1]),
+    ]
+    assert plan["runs"][0]["overrides"] == {**best, "seed": seeds[0]}
+    assert apply_overrides(cfg, plan["runs"][1]["overrides"]).seed == seeds[0]
+
+    # the best trial IS the baseline (6 and 6.0 are the same setting): its runs once, said in the plan
+    same = {k: int(v) if isinstance(v, float) and v == int(v) else v for k, v in point.items()}
+    plan = make_plan(cfg, same, {cfg.seed})
+    assert plan["baseline_is_best"] and [r["role"] for r in plan["runs"]] == ["tuned", "tuned"]
+
+    # no points_to_evaluate: the config's own values for the space's keys
+    own = make_plan(plan_config(**{"sweep.points_to_evaluate": []}), best, {42})
+    assert own["baseline"] == {  # configs/default.yaml's own values
+        "train.lr": 2e-3,
+        "train.weight_decay": 0.0,
+        "lora.dropout": 0.05,
+        "lora.r": 8,
+        "lora.last_n": 2,
+        "train.class_weight": 6.0,
+    }
+    assert own["baseline_source"] == "the config's own values"
+    tuned_only = make_plan(plan_config(**{"final.baseline": False}), best, {42})
+    assert tuned_only["experiment"] == "final_seeds2_tuned_only"
+    assert [r["role"] for r in tuned_only["runs"]] == ["tuned", "tuned"] and tuned_only["baseline"] is None
+
+
+def records(plan: dict, scores: dict[str, list[float]]) -> list[dict]:
+    """Synthetic per-run records, as final.score_runs writes them: test F-beta from `scores[role][index]`."""
+    out = []
+    for run in plan["runs"]:
+        value = scores[run["role"]][run["index"]]
+        out.append(
+            {
+                **{k: run[k] for k in ("role", "index", "seed")},
+                "epochs": 2,
+                "best_val_fbeta": value + 0.01,
+                **{m: value for m in METRICS},
+            }
+        )
+    return out
+
+
+def test_final_block_holds_the_contract_without_nan() -> None:
+    cfg = plan_config(**{"final.seeds": 3})
+    best = {**cfg.sweep.points_to_evaluate[0], "train.lr": 1e-3}
+    plan = make_plan(cfg, best, {42})
+    block = no_nan(final_block(cfg, plan, records(plan, {"tuned": [0.9, 0.93, 0.91], "baseline": [0.85, 0.9, 0.9]})))
+    for role in ("tuned", "baseline"):
+        assert block[role]["seeds"] == plan["seeds"]
+        for m in METRICS:
+            assert set(block[role][m]) == {"mean", "std", "values"}
+    assert block["tuned"]["test_fbeta"]["values"] == [0.9, 0.93, 0.91]
+    assert block["gain"]["test_fbeta"] == no_nan(paired_gain([0.9, 0.93, 0.91], [0.85, 0.9, 0.9]))
+    assert not block["baseline_is_best"] and block["notes"] == []
+
+    # the best config is the baseline: gain 0 with interval [0, 0], said in a note
+    same = make_plan(cfg, dict(cfg.sweep.points_to_evaluate[0]), {42})
+    block = no_nan(final_block(cfg, same, records(same, {"tuned": [0.9, 0.93, 0.91]})))
+    assert block["baseline_is_best"] and block["baseline"]["test_fbeta"] == block["tuned"]["test_fbeta"]
+    assert all(block["gain"][m] == {"mean": 0.0, "ci95": [0.0, 0.0], "values": [0.0] * 3} for m in METRICS)
+    assert "the best config is the baseline" in block["notes"][0]
+
+    # one seed: the single difference as [d, d], and the note that an interval needs k >= 2
+    one = plan_config(**{"final.seeds": 1})
+    plan = make_plan(one, best, {42})
+    block = no_nan(final_block(one, plan, records(plan, {"tuned": [0.9], "baseline": [0.8]})))
+    assert block["gain"]["test_fbeta"]["ci95"] == pytest.approx([0.1, 0.1])
+    assert "k >= 2" in block["notes"][0]
+
+
+def test_final_config_is_validated() -> None:
+    with pytest.raises(UserError, match=r"^final.seeds=-1 must be >= 0"):
+        tiny_config(**{"final.seeds": -1})
+    with pytest.raises(UserError, match=r"^final.seeds=2 scores runs on the test split, but data.split=.* has none"):
+        tiny_config(**{"final.seeds": 2, "data.split": [0.7, 0.3, 0.0]})
+
+
+def test_score_split_returns_each_examples_prediction_in_split_order(tiny_cfg: ExperimentConfig, tiny_data: TaskData):
+    """Batches run grouped by length, in another order than the split's: each prediction is put back in its place
+    (checked against the model on the split in its own order), and the metrics are those of `evaluate`."""
+    module = build_module(tiny_cfg, tiny_data).eval()
+    split = tiny_data.val
+    scores, preds = score_split(module, split, tiny_cfg, tiny_data.tokenizer)
+    # one padded batch in split order (padding leaves the logits alone: test_padded_batch_matches_single_examples)
+    batch = tiny_data.tokenizer.pad({"input_ids": split.input_ids}, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        in_order = module.model(**batch).logits.argmax(-1).tolist()
+    assert preds == in_order and len(set(preds)) == 2  # both classes predicted: the order test is not vacuous
+    assert scores == evaluate(module, split, tiny_cfg, tiny_data.tokenizer)
+    for name in ("accuracy", "f1", "fbeta"):
+        assert float(metric(name, preds, split.labels, 2)) == pytest.approx(scores[name], abs=1e-6)
+
+
+def test_final_addresses_only_a_finished_sweep_whose_config_differs_in_final_keys_alone(tmp_path: Path) -> None:
+    """--final's checks before anything runs (one line each); --resume also lets final.* change."""
+    cfg = plan_config(**{"sweep.storage_path": str(tmp_path), "sweep.name": "s"})
+    where = tmp_path / "s"
+    with pytest.raises(UserError, match=rf"^--final: no sweep named 's' at {where}; check sweep.name and "):
+        check_finished(cfg)
+    where.mkdir()
+    (where / "config.yaml").write_text(config_yaml(apply_overrides(cfg, {"final.seeds": 0})))
+    with pytest.raises(UserError, match=rf"^--final: the sweep at {where} has not finished \(no summary.json\)"):
+        check_finished(cfg)
+    (where / "summary.json").write_text(json.dumps({"best_trial": None}))
+    with pytest.raises(UserError, match=r"^--final: every trial of the sweep at .* failed; there is no best config"):
+        check_finished(cfg)
+    (where / "summary.json").write_text(json.dumps({"best_trial": "trial_000_x"}))
+    check_finished(apply_overrides(cfg, {"final.seeds": 5, "final.baseline": False}))  # final.* may differ
+    with pytest.raises(UserError, match=r"^--final needs final.seeds >= 1 \(fresh seeds per config\)"):
+        check_finished(apply_overrides(cfg, {"final.seeds": 0}))
+    with pytest.raises(UserError) as e:
+        check_finished(apply_overrides(cfg, {"lora.r": 4, "final.seeds": 3}))
+    assert str(e.value).startswith(
+        "--final with a config that differs from the sweep's in more than final.* (lora.r: 8 -> 4);"
+    )
+    stored = (where / "config.yaml").read_text()
+    check_same_config(apply_overrides(cfg, {"final.seeds": 3}), stored, str(where))  # --resume
+    with pytest.raises(UserError, match=r"^--resume with a config that differs .* \(lora.r: 8 -> 4\)"):
+        check_same_config(apply_overrides(cfg, {"lora.r": 4}), stored, str(where))
+
+
+def test_every_kind_of_block_is_rendered(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """summary.md, the console and final_seeds.png for a tuned-vs-baseline block, a baseline that won, no baseline."""
+    cfg = plan_config()
+    best = {**cfg.sweep.points_to_evaluate[0], "train.lr": 1e-3}
+    scores = {"tuned": [0.9, 0.95], "baseline": [0.8, 0.85]}
+    variants = {
+        "paired": (cfg, best),
+        "same": (cfg, dict(cfg.sweep.points_to_evaluate[0])),
+        "tuned_only": (plan_config(**{"final.baseline": False}), best),
+    }
+    summary = {
+        "experiment": "x", "metric": "best_val_fbeta", "num_trials": 2, "stop_reasons": {}, "trial_epochs": 2,
+        "best_trial": "t", "best_params": best, "best_value": 0.9, "best_epoch": 1, "test_size": 60,
+        "test": {m: 0.9 for m in METRICS}, "test_ci95": {m: [0.85, 0.95] for m in METRICS},
+        "val_test_gap": {"accuracy": 0.01, "f1": 0.02, "fbeta": 0.03},
+    }  # fmt: skip
+    for name, (c, params) in variants.items():
+        plan = make_plan(c, params, {42})
+        block = final_block(c, plan, records(plan, scores))
+        s = {**summary, "final": block, "final_run": {"experiment": "x/final_seeds2", "wall_time_s": 12.0}}
+        md = summary_markdown(s, c)
+        assert "## Final evaluation: 2 fresh seeds per config" in md and "test 95% interval" in md
+        assert ("gain (tuned - baseline)" in md) == (name != "tuned_only")
+        print_summary(s)
+        out = capsys.readouterr().out
+        assert "final evaluation, 2 seeds per config" in out and "wall time 12 s" in out
+        assert ("+0.1000 [" in out) == (name == "paired")  # the gain; [0, 0] for "same"
+        (tmp_path / name).mkdir()
+        write_final_plot(block, tmp_path / name)
+        assert (tmp_path / name / "final_seeds.png").stat().st_size > 10_000

@@ -1,0 +1,228 @@
+"""The deterministic searcher and scheduler (lorahpo.ordered), fast: their pure policy, and whole sweeps driven in
+simulated time by bench/simulate.py (the same objects make_tuner builds, called in Tune's order) with scripted
+trials whose durations reorder when they report."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ray.tune.schedulers import ASHAScheduler
+
+from lorahpo.config import ExperimentConfig
+from lorahpo.ordered import (
+    CONTINUE,
+    STOP,
+    BatchSearcher,
+    OrderedScheduler,
+    TrialRecord,
+    plan_batch,
+    rung_decision,
+    rung_epochs,
+)
+
+from .conftest import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from simulate import Simulation, simulate  # noqa: E402
+
+
+def scripted(seed: int, speed: str) -> Any:
+    """A fixed metric curve per params; durations that make `speed` trials report first: 'lr' (the higher the
+    learning rate, the slower), 'inverse' (the opposite), or 'random' (a per-params hash, seeded)."""
+
+    def outcomes(params: dict[str, Any]) -> list[tuple[float, float]]:
+        key = repr(sorted(params.items()))
+        rng = random.Random(key)
+        q = math.exp(-(((math.log10(params["train.lr"]) + 3.0) / 0.5) ** 2))
+        values = [min(1.0, 0.4 + 0.5 * q * (1 - 0.5**e) + rng.uniform(-0.03, 0.03)) for e in range(1, 9)]
+        if speed == "random":
+            durations = [random.Random(f"{key}|{seed}|{e}").uniform(1, 30) for e in range(8)]
+        else:
+            base = 10 * params["train.lr"] / 1e-3
+            durations = [base if speed == "lr" else 100 / base for _ in range(8)]
+        return list(zip(values, durations))
+
+    return outcomes
+
+
+def cfg_for(**overrides: Any) -> ExperimentConfig:
+    base = {"sweep.num_samples": 12, "sweep.trials_per_batch": 3, "train.max_epochs": 4, "train.patience": 1}
+    return tiny_config(**{**base, **overrides})
+
+
+def summary(sim: Simulation) -> list[tuple]:
+    """Everything a sweep's results consist of, per trial in number order."""
+    return [(t.number, sorted(t.params.items()), t.values, t.tuning, t.stop_reason) for t in sim.trials]
+
+
+def test_deterministic_sweep_is_the_same_at_any_concurrency_and_timing() -> None:
+    cfg = cfg_for()
+    reference = simulate(cfg, scripted(0, "lr"), slots=1)
+    assert {t.stop_reason for t in reference.trials} >= {"asha_stop", "max_epochs"}  # ASHA stops some, not all
+    pauses = 0
+    for slots in (2, 3, 5, 12):
+        for speed in ("lr", "inverse", "random"):
+            sim = simulate(cfg, scripted(slots, speed), slots=slots, start_overhead_s=1.0)
+            assert summary(sim) == summary(reference), (slots, speed)
+            pauses += sum(e[2] == "pause" for e in sim.events)
+            assert max(running_at_once(sim)) <= slots
+    assert pauses > 0  # trials did report out of order and waited
+    # the asynchronous sweep, for contrast, depends on concurrency and timing
+    asynchronous = cfg_for(**{"sweep.deterministic": False})
+    runs = [summary(simulate(asynchronous, scripted(3, s), slots=3)) for s in ("lr", "inverse")]
+    assert runs[0] != runs[1]
+
+
+def running_at_once(sim: Simulation) -> list[int]:
+    running, counts = set(), [0]
+    for _, n, what, _ in sorted(sim.events, key=lambda e: (e[0], e[2] in ("start", "resume"))):
+        if what in ("start", "resume"):
+            running.add(n)
+        elif what in ("pause", "stop", "end"):
+            running.discard(n)
+        counts.append(len(running))
+    return counts
+
+
+def test_a_paused_trial_can_be_stopped_without_resuming() -> None:
+    """Trial 1 reports epoch 1 before trial 0 and waits, paused; trial 0's better value then stops it where it
+    stands, as if trial 0 had reported first."""
+    points = "[{train.lr: 0.002}, {train.lr: 0.001}]"
+    cfg = cfg_for(**{"sweep.num_samples": 2, "sweep.trials_per_batch": 2, "sweep.points_to_evaluate": points})
+    script = {0.002: (0.8, 5.0), 0.001: (0.3, 1.0)}  # lr -> (val F-beta every epoch, seconds per epoch)
+    sim = simulate(cfg, lambda p: [script[p["train.lr"]]] * 4, slots=2)
+    assert [(t.stop_reason, t.epochs) for t in sim.trials] == [("early_stop", 2), ("asha_stop", 1)]
+    events = [(n, what, epoch) for _, n, what, epoch in sim.events if n == 1]
+    assert events == [(1, "start", 0), (1, "report", 1), (1, "pause", 1), (1, "stop", 1)]
+    assert summary(simulate(cfg, lambda p: [script[p["train.lr"]]] * 4, slots=1)) == summary(sim)
+
+
+def test_ordered_decisions_equal_asha_in_trial_number_order() -> None:
+    """With trials reporting one after another in number order, the rule is ASHA's, decision for decision."""
+    rng = np.random.default_rng(0)
+    for reduction_factor, max_t, grace in ((2, 8, 1), (3, 9, 1), (2, 6, 2)):
+        asha = ASHAScheduler(
+            time_attr="epoch",
+            metric="m",
+            mode="max",
+            max_t=max_t,
+            grace_period=grace,
+            reduction_factor=reduction_factor,
+        )
+        rungs = rung_epochs(grace, reduction_factor, max_t)
+        assert sorted(m for m, _ in asha._brackets[0]._rungs) == list(rungs)
+        records: list[TrialRecord] = []
+        for n in range(25):
+            trial = type("T", (), {"trial_id": f"t{n}"})()
+            asha.on_trial_add(None, trial)
+            records.append(TrialRecord(f"t{n}", {}))
+            for epoch in range(1, max_t):
+                value = float(rng.uniform(0, 1))
+                records[n].values[epoch] = value
+                ours = rung_decision(records, n, epoch, reduction_factor, 1.0) if epoch in rungs else CONTINUE
+                assert asha.on_trial_result(None, trial, {"epoch": epoch, "m": value}) == ours
+                if ours == STOP:
+                    break
+            records[n].ended = True
+
+
+def test_rung_decision_waits_for_every_earlier_trial() -> None:
+    recs = [TrialRecord("a", {}, {1: 0.5}), TrialRecord("b", {}, {}), TrialRecord("c", {}, {1: 0.1})]
+    assert rung_decision(recs, 2, 1, 2, 1.0) is None  # b has neither reported epoch 1 nor ended
+    recs[1].ended = True  # b ended before epoch 1 (e.g. failed): no longer awaited, not compared
+    assert rung_decision(recs, 2, 1, 2, 1.0) == STOP
+    assert rung_decision(recs, 2, 1, 2, -1.0) == CONTINUE  # minimising: 0.1 beats 0.5
+
+
+def test_batches_are_planned_from_seed_and_earlier_results_only() -> None:
+    cfg = cfg_for(**{"sweep.points_to_evaluate": "[]", "sweep.n_startup_trials": 2})
+    done = [TrialRecord(f"t{i}", {"train.lr": 1e-3 * (i + 1)}, {1: 0.1 * i}, ended=True) for i in range(3)]
+    for rec, params in zip(done, plan_batch(cfg, 0, [], [])):
+        rec.params = params
+    batch = plan_batch(cfg, 2, done, [])
+    assert batch == plan_batch(cfg, 2, done, []) and len(batch) == 3
+    assert batch != plan_batch(tiny_config(**{**cfg_for_keys(cfg), "seed": 7}), 2, done, [])
+    done[0].values = {1: 0.99}
+    assert batch != plan_batch(cfg, 2, done, [])  # the results told change the plan
+
+    # the gate: batch 2 waits until every trial of batch 0 has ended
+    searcher = BatchSearcher(cfg)
+    ids = [f"t{i}" for i in range(7)]
+    suggested = [searcher.suggest(i) for i in ids[:6]]
+    assert all(s is not None for s in suggested) and searcher.suggest(ids[6]) is None
+    for i in ids[:3]:
+        searcher.on_trial_complete(i, {"epoch": 1, "best_val_fbeta": 0.5})
+    assert searcher.suggest(ids[6]) is not None
+
+
+def cfg_for_keys(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {
+        "sweep.num_samples": cfg.sweep.num_samples,
+        "sweep.trials_per_batch": cfg.sweep.trials_per_batch,
+        "sweep.points_to_evaluate": "[]",
+        "sweep.n_startup_trials": cfg.sweep.n_startup_trials,
+    }
+
+
+def test_searcher_state_round_trips(tmp_path: Path) -> None:
+    """What Tune saves with each experiment snapshot restores a searcher that continues exactly."""
+    cfg = cfg_for()
+    a = BatchSearcher(cfg)
+    for i in range(6):
+        a.confirm(f"t{i}", a.suggest(f"t{i}"), i, live=True)  # as Tune adds each suggested trial
+    for i in range(3):
+        a.on_trial_complete(f"t{i}", {"epoch": 2, "best_val_fbeta": 0.3 + 0.1 * i})
+    a.save(str(tmp_path / "s.pkl"))
+    b = BatchSearcher(cfg)
+    b.restore(str(tmp_path / "s.pkl"))
+    for i in range(6):  # Tune adds its restored trials
+        b.confirm(f"t{i}", {}, i, live=i >= 3)
+    assert [a.suggest(f"t{i}") for i in range(6, 9)] == [b.suggest(f"t{i}") for i in range(6, 9)]
+
+
+def test_resume_reconciles_the_searcher_with_tunes_trials(tmp_path: Path) -> None:
+    """A driver killed while Tune uploads its state can leave the saved searcher ahead of or behind Tune's trial
+    list. Tune's list wins: trials Tune never added are suggested again (same params), trials only Tune knows are
+    recorded, and a trial Tune ended is ended."""
+    cfg = cfg_for()
+    a = BatchSearcher(cfg)
+    params = [a.suggest(f"t{i}") for i in range(6)]
+    a.save(str(tmp_path / "ahead.pkl"))
+    ahead = BatchSearcher(cfg)
+    ahead.restore(str(tmp_path / "ahead.pkl"))
+    for i in range(4):  # Tune's trial list was saved before trials 4 and 5 were created
+        ahead.confirm(f"t{i}", params[i], i, live=True)
+    assert ahead.suggest("new4") == params[4] and ahead.number("new4") == 4 and "t5" not in ahead.index
+
+    behind = BatchSearcher(cfg)
+    for i in range(3):
+        behind.suggest(f"t{i}")
+    behind.confirm("t3", {**params[3], "extra": 1}, 3, live=True)  # restored by Tune, unknown to the searcher
+    assert behind.number("t3") == 3 and behind.records[3].params == params[3]
+    assert behind.suggest("t4") == params[4]
+
+    scheduler = OrderedScheduler(cfg, behind)
+    gone = type("T", (), {"trial_id": "t1", "status": "TERMINATED"})()
+    controller = type("C", (), {"get_trials": lambda self: [gone]})()
+    assert not behind.records[1].ended
+    scheduler.choose_trial_to_run(controller)  # ended without the searcher being told (e.g. a failed actor reuse)
+    assert behind.records[1].ended and not behind.records[1].failed
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "random"])
+def test_no_deadlock_and_same_result_under_random_timings(searcher: str) -> None:
+    cfg = cfg_for(**{"sweep.searcher": searcher, "sweep.num_samples": 16, "sweep.trials_per_batch": 4})
+    reference = summary(simulate(cfg, scripted(0, "lr"), slots=1))
+    for seed in range(6):
+        slots = 2 + seed % 4
+        assert summary(simulate(cfg, scripted(seed, "random"), slots=slots, start_overhead_s=2.0)) == reference
+    fifo = cfg_for(**{"sweep.searcher": searcher, "sweep.scheduler": "fifo"})
+    one = summary(simulate(fifo, scripted(0, "lr"), slots=1))
+    assert all(t[4] in ("max_epochs", "early_stop") for t in one)
+    assert summary(simulate(fifo, scripted(1, "random"), slots=4)) == one
