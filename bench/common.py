@@ -4,6 +4,8 @@ timings, and small writers (JSON, markdown tables). Imported as `common` by the 
 from __future__ import annotations
 
 import datetime
+import importlib.machinery
+import importlib.util
 import json
 import os
 import resource
@@ -19,6 +21,17 @@ WORK_DIR = BENCH_DIR / "out"  # raw Ray experiments and checkpoints (git-ignored
 
 if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from anywhere imports the project from this checkout
     sys.path.insert(0, str(REPO_ROOT))
+
+# bench/tabulate.py bears the name of a PyPI package that torch imports when it can (torch._dynamo at exit, among
+# others); with bench/ on sys.path (where `python bench/x.py` puts it) that import would run the script. Bind the name
+# first: to the real package if it is installed, else to None, which makes torch's `import tabulate` the ImportError
+# it falls back on.
+_elsewhere = [p for p in sys.path if Path(os.path.realpath(p or ".")) != BENCH_DIR]
+_spec = importlib.machinery.PathFinder.find_spec("tabulate", _elsewhere)
+if "tabulate" not in sys.modules:
+    sys.modules["tabulate"] = importlib.util.module_from_spec(_spec) if _spec is not None else None
+    if _spec is not None:
+        _spec.loader.exec_module(sys.modules["tabulate"])
 
 
 def machine() -> dict[str, Any]:

@@ -3,7 +3,7 @@ make_searcher` / `make_scheduler`, wrapped as `tune.run` wraps them), driven in 
 TuneController makes, with scripted trials instead of training: each trial's per-epoch (metric value, duration) is
 looked up by its params. No Ray, no sleeping; a 32-trial sweep simulates in well under a second.
 
-    sim = simulate(cfg, outcomes, slots=4, start_overhead_s=3.0)
+    sim = simulate(cfg, outcomes, slots=4, start_overhead_s=3.0)   # budget=B: stop after B epoch reports
     sim.wall_s, sim.utilisation, sim.best, sim.trial_epochs, sim.trials[0].stop_reason, sim.events[:5]
 
 What is modelled (ray/tune/execution/tune_controller.py, Ray 2.60), one `step()` at a time:
@@ -152,8 +152,11 @@ class Controller:
     """The slice of TuneController a scheduler may call (`get_trials`, `_set_trial_status`, `stop_trial`,
     `search_alg`), over simulated time."""
 
-    def __init__(self, cfg: ExperimentConfig, outcomes: Outcomes, slots: int, start_overhead_s: float):
+    def __init__(
+        self, cfg: ExperimentConfig, outcomes: Outcomes, slots: int, start_overhead_s: float, budget: int | None = None
+    ):
         self.cfg, self.outcomes, self.slots, self.overhead = cfg, outcomes, slots, start_overhead_s
+        self.budget, self.reports = budget, 0
         searcher = make_searcher(cfg)
         self.scheduler: TrialScheduler = make_scheduler(cfg, searcher)
         # as tune.run with max_concurrent_trials (a deterministic sweep's searcher takes the limit over)
@@ -240,6 +243,7 @@ class Controller:
         values = [v for v, _ in trial.script[: len(trial.rows) + 1]]
         row = report_row(self.cfg, values)
         trial.rows.append(row)
+        self.reports += 1
         trial.checkpoint = row  # every report carries a checkpoint
         self.events.append((self.now, trial.number, "report", row["epoch"]))
         decision = self.scheduler.on_trial_result(self, trial, row)
@@ -271,12 +275,18 @@ class Controller:
                 return
             self.now, _, trial_id = heapq.heappop(self.queue)
             self._report(next(t for t in self.trials if t.trial_id == trial_id))
+            if self.budget is not None and self.reports >= self.budget:
+                return  # a fixed budget of trial-epochs (bench/replay.py): what runs past it is never reported
 
 
-def simulate(cfg: ExperimentConfig, outcomes: Outcomes, slots: int, start_overhead_s: float = 0.0) -> Simulation:
-    """Run `cfg`'s sweep with `slots` trials at once (the cluster's capacity and `sweep.max_concurrent_trials`)."""
+def simulate(
+    cfg: ExperimentConfig, outcomes: Outcomes, slots: int, start_overhead_s: float = 0.0, budget: int | None = None
+) -> Simulation:
+    """Run `cfg`'s sweep with `slots` trials at once (the cluster's capacity and `sweep.max_concurrent_trials`).
+    `budget`: stop once this many epoch reports (trial-epochs) have been processed; trials still running then keep
+    only what they reported (`sweep.num_samples` must be large enough to reach it)."""
     cfg = apply_overrides(cfg, {"sweep.max_concurrent_trials": slots})
-    ctl = Controller(cfg, outcomes, slots, start_overhead_s)
+    ctl = Controller(cfg, outcomes, slots, start_overhead_s, budget)
     ctl.run()
     trials = [
         TrialOutcome(

@@ -1,0 +1,368 @@
+"""Replay search methods against the intents table (bench/tabulate.py): every method, every seed, in simulated time.
+
+A method is a set of `sweep.*` values on configs/intents.yaml. Each (method, seed) runs bench/simulate.py: the REAL
+searcher and scheduler `lorahpo.tuner` builds from that config, called in Tune's order, with 1 or more slots, each
+trial's epochs scripted from the table (val metric and `iter_s` of its config at that epoch; the trial's running best
+and `train.patience` as the trainable reports them). No training, no sleeping.
+
+The space searched is the table's grid: each `param.<key>` column becomes a categorical choice of its values, so every
+config a searcher picks has a row-set in the table. Everything else (metric, max_epochs, patience, points_to_evaluate
+restricted to the grid's keys, the seed) is the config's own.
+
+Definitions, per seed s (docs/benchmarks.md, section 9):
+- B = N x max_epochs trial-epochs (N = --trials, default 32): random + FIFO's budget. EVERY method, random + FIFO
+  included, runs trials until it has consumed B trial-epochs (epoch reports, in the order they arrive); with early
+  stopping (ASHA, patience) that is more than N trials.
+- b_s: the best val score (the tuning metric: any epoch of any trial) random + FIFO reaches within B.
+- E: the trial-epochs a method has consumed when its running best first reaches >= b_s; the fraction E / B, 2.0 if it
+  never does within B (`epochs_to_reach_random_fifo_best`).
+- final_regret: the table's best val score minus the val score of the config the method chooses at B (its best trial's
+  running best: what the sweep records and exports). Anytime regret: the same after every trial-epoch.
+
+    python bench/replay.py --seeds 0-49 --out docs/benchmarks/replay   # the real table (docs/benchmarks/tabulate/)
+    python bench/replay.py --synthetic --seeds 0-49 --out /tmp/r       # a synthetic table of the grid's size (timing)
+    python bench/replay.py --smoke --out /tmp/r                        # plumbing: synthetic table, 2 seeds
+
+Output in --out: results.json ("default", "methods", "budget", per-seed numbers), table.md, anytime_regret.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from common import DOCS_DIR, REPO_ROOT, machine, md_table, write_json
+from simulate import simulate
+
+from lorahpo.config import ExperimentConfig, ParamSpec, apply_overrides, load_config, tuning_metric
+from lorahpo.errors import UserError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # OptunaSearch's "new study created", once per replay
+
+INTENTS_CONFIG = REPO_ROOT / "configs" / "intents.yaml"
+GRID_CONFIG = REPO_ROOT / "bench" / "intents_grid.yaml"
+TABLE = DOCS_DIR / "tabulate" / "intents_grid.parquet"
+REFERENCE = "random+fifo"
+NEVER = 2.0  # the fraction of a method that never reaches b_s within B
+
+
+def _method(searcher: str, scheduler: str, deterministic: bool = False, **sweep: Any) -> dict[str, Any]:
+    return {"sweep.searcher": searcher, "sweep.scheduler": scheduler, "sweep.deterministic": deterministic,
+            **{f"sweep.{k}": v for k, v in sweep.items()}}  # fmt: skip
+
+
+# (sweep overrides, slots). Names come from `method_name`, so the config's own settings name themselves ("default").
+METHODS: list[tuple[dict[str, Any], int]] = [
+    (_method("tpe", "asha"), 1),
+    (_method("tpe", "fifo"), 1),
+    (_method("random", "fifo"), 1),
+    (_method("random", "asha"), 1),
+    (_method("tpe", "asha", deterministic=True), 1),
+    (_method("tpe", "asha", deterministic=True), 4),
+    # candidates for better defaults, each reachable from sweep.* values
+    (_method("tpe", "asha", n_startup_trials=2), 1),
+    (_method("tpe", "asha", reduction_factor=3), 1),
+    (_method("tpe", "asha", reduction_factor=4), 1),
+    (_method("tpe", "asha", deterministic=True, n_startup_trials=2, reduction_factor=3), 1),
+]
+
+
+def method_name(cfg: ExperimentConfig, slots: int) -> str:
+    """searcher+scheduler, then what differs from TPE's 4 start-up trials and ASHA's reduction 2, grace 1; `det<k>@<n>`
+    for a deterministic sweep planning k trials per batch on n slots (`@<n>` alone: asynchronous on n > 1 slots)."""
+    s = cfg.sweep
+    extras = []
+    if s.searcher == "tpe" and s.n_startup_trials != 4:
+        extras.append(f"startup={s.n_startup_trials}")
+    if s.scheduler == "asha" and s.reduction_factor != 2:
+        extras.append(f"rf={s.reduction_factor}")
+    if s.scheduler == "asha" and s.grace_period != 1:
+        extras.append(f"grace={s.grace_period}")
+    if s.deterministic:
+        extras.append(f"det{s.trials_per_batch}@{slots}")
+    elif slots != 1:
+        extras.append(f"@{slots}")
+    return " ".join([f"{s.searcher}+{s.scheduler}", *extras])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+
+
+def native(v: Any) -> Any:
+    """A table value as the config holds it (numpy scalars -> Python; whole floats of an int column stay ints)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def load_table(path: Path, metric: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(
+            f"no table at {path}: make it with python bench/tabulate.py (~2.5 h alone on 2 cores), pass --table PATH, "
+            "or --synthetic for a plumbing check"
+        )
+    df = pd.read_parquet(path)
+    missing = [c for c in ("config_id", "epoch", metric, "iter_s") if c not in df]
+    if missing or not any(c.startswith("param.") for c in df):
+        raise UserError(f"{path} is not a bench/tabulate.py table: it lacks {missing or 'param.* columns'}")
+    return df
+
+
+def grid_of(df: pd.DataFrame) -> dict[str, tuple[Any, ...]]:
+    """Each `param.<key>` column's sorted values: the categorical space the replay searches."""
+    return {c[len("param.") :]: tuple(native(v) for v in sorted(df[c].unique())) for c in df if c.startswith("param.")}
+
+
+def lookup(df: pd.DataFrame, metric: str, max_epochs: int) -> dict[tuple, list[tuple[float, float]]]:
+    """params (in grid key order) -> one (val metric, seconds) per epoch, 1..max_epochs."""
+    keys = [c for c in df if c.startswith("param.")]
+    out = {}
+    for _, g in df.sort_values(["config_id", "epoch"]).groupby("config_id"):
+        if g["epoch"].tolist()[:max_epochs] != list(range(1, max_epochs + 1)):
+            raise UserError(f"config {g['config_id'].iloc[0]} of the table lacks epochs 1..{max_epochs}")
+        key = tuple(native(g[k].iloc[0]) for k in keys)
+        out[key] = [(float(v), float(t)) for v, t in zip(g[metric][:max_epochs], g["iter_s"][:max_epochs])]
+    return out
+
+
+def replay_config(base: ExperimentConfig, grid: dict[str, tuple], trials: int) -> ExperimentConfig:
+    """`base` searching the table's grid: its points_to_evaluate restricted to the grid's keys (the values it leaves
+    out are the table's fixed ones), each a grid point; enough samples that any method reaches the budget."""
+    points = []
+    for p in base.sweep.points_to_evaluate:
+        point = {k: v for k, v in p.items() if k in grid}
+        if any(v not in grid[k] for k, v in point.items()):
+            raise UserError(f"the config's point {point} is not a point of the table's grid {grid}")
+        points.append(point)
+    budget = trials * base.train.max_epochs
+    cfg = apply_overrides(base, {"sweep.points_to_evaluate": points, "sweep.num_samples": budget})
+    space = {k: ParamSpec(type="categorical", choices=v) for k, v in grid.items()}
+    return dataclasses.replace(cfg, search=space)
+
+
+def synthetic_table(grid_config: Path = GRID_CONFIG, seed: int = 0) -> pd.DataFrame:
+    """A table of the grid's size and columns (every grid config x max_epochs) with invented curves: val macro-F1 that
+    rises with the epochs, peaks at a learning rate near 2e-3, shifts a little with the other keys and carries noise;
+    seconds per epoch by LoRA layers and batch size. For timing and plumbing only: it says nothing about the task."""
+    cfg = load_config(grid_config)
+    keys = list(cfg.search)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, values in enumerate(itertools.product(*(cfg.search[k].choices for k in keys))):
+        p = dict(zip(keys, values))
+        peak = 0.85 - 0.12 * abs(np.log10(p["train.lr"] / 2e-3)) ** 1.5 + 0.02 * rng.standard_normal()
+        peak += 0.01 * (p.get("lora.last_n", 2) - 2) + 0.005 * np.log2(p.get("lora.alpha", 16) / p.get("lora.r", 8))
+        rate = 0.4 + 2.0 * min(1.0, p["train.lr"] / 1e-3)
+        for e in range(1, cfg.train.max_epochs + 1):
+            val = float(np.clip(peak * (1 - np.exp(-rate * e)) + 0.01 * rng.standard_normal(), 0.0, 1.0))
+            secs = 6.0 + 2.5 * p.get("lora.last_n", 2) * (1.1 if p.get("train.batch_size", 16) == 16 else 1.0)
+            rows.append({"config_id": i, **{f"param.{k}": v for k, v in p.items()}, "epoch": e, "val_f1": val,
+                         "iter_s": secs + (4.0 if e == 1 else 0.0)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One replay and the measures
+
+
+def running_best(cfg: ExperimentConfig, table: dict[tuple, list], slots: int, budget: int) -> list[float]:
+    """The sweep's running best of its tuning metric after each of its first `budget` trial-epochs (epoch reports in
+    the order they arrive)."""
+    keys = list(cfg.search)
+    sim = simulate(cfg, lambda p: table[tuple(p[k] for k in keys)], slots=slots, budget=budget)
+    by_trial = {t.number: t.tuning for t in sim.trials}
+    sign = 1.0 if cfg.train.mode == "max" else -1.0
+    best, out = -np.inf, []
+    for _, number, what, epoch in sim.events:
+        if what == "report":
+            best = max(best, sign * by_trial[number][epoch - 1])
+            out.append(sign * best)
+    if len(out) != budget:
+        raise RuntimeError(f"{method_name(cfg, slots)} reported {len(out)} trial-epochs, not {budget}")
+    return out
+
+
+def replay_one(job: tuple[ExperimentConfig, dict[tuple, list], int, int]) -> list[float]:
+    cfg, table, slots, budget = job
+    return running_best(cfg, table, slots, budget)
+
+
+def fraction_to_reach(best: list[float], target: float, sign: float) -> float:
+    """E / B: the trial-epochs consumed when the running best first reaches `target`, over the budget; NEVER if not."""
+    for e, v in enumerate(best, 1):
+        if sign * v >= sign * target:
+            return e / len(best)
+    return NEVER
+
+
+def quartiles(x: Any) -> dict[str, float]:
+    q25, med, q75 = np.percentile(np.asarray(x, dtype=float), [25, 50, 75])
+    return {"median": float(med), "q25": float(q25), "q75": float(q75)}
+
+
+def measures(curves: dict[str, list[list[float]]], table_best: float, sign: float) -> dict[str, dict[str, Any]]:
+    """Per method, from its running-best curves (one per seed, in seed order; REFERENCE's gives b_s)."""
+    targets = [c[-1] for c in curves[REFERENCE]]
+    out = {}
+    for name, runs in curves.items():
+        regret = sign * (table_best - np.asarray(runs))  # (seeds, B), >= 0
+        fractions = [fraction_to_reach(c, b, sign) for c, b in zip(runs, targets)]
+        out[name] = {
+            "epochs_to_reach_random_fifo_best": quartiles(fractions),
+            "final_regret": {**quartiles(regret[:, -1]), "mean": float(regret[:, -1].mean())},
+            "reached": int(sum(f <= 1.0 for f in fractions)),
+            "per_seed": {"fraction": fractions, "final_regret": regret[:, -1].tolist()},
+            "anytime_regret": {
+                q: np.percentile(regret, p, axis=0).tolist() for q, p in (("q25", 25), ("median", 50), ("q75", 75))
+            },  # fmt: skip
+        }
+    return out
+
+
+def replay(
+    base: ExperimentConfig,
+    df: pd.DataFrame,
+    seeds: list[int],
+    trials: int,
+    methods: list[str] | None = None,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Every method (default: all of METHODS, plus the config's own settings) for every seed against the table."""
+    metric, max_epochs = base.train.metric, base.train.max_epochs
+    table, grid = lookup(df, metric, max_epochs), grid_of(df)
+    cfg = replay_config(base, grid, trials)
+    default = method_name(cfg, cfg.sweep.max_concurrent_trials)
+    variants = {method_name(apply_overrides(cfg, o), n): (apply_overrides(cfg, o), n) for o, n in METHODS}
+    variants.setdefault(default, (cfg, cfg.sweep.max_concurrent_trials))
+    chosen = list(variants) if methods is None else list(dict.fromkeys([REFERENCE, *methods]))
+    unknown = [m for m in chosen if m not in variants]
+    if unknown:
+        raise UserError(f"unknown method(s) {unknown}; choose from {list(variants)}")
+    budget = trials * max_epochs
+    work = [(apply_overrides(cfg_m, {"seed": s}), table, n, budget) for cfg_m, n in (variants[m] for m in chosen)
+            for s in seeds]  # fmt: skip
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(replay_one, work, chunksize=max(1, len(work) // (4 * jobs))))
+    else:
+        results = [replay_one(w) for w in work]
+    curves = {m: results[i * len(seeds) : (i + 1) * len(seeds)] for i, m in enumerate(chosen)}
+    sign = 1.0 if base.train.mode == "max" else -1.0
+    table_best = sign * max(sign * v for script in table.values() for v, _ in script)
+    return {
+        "default": default,
+        "reference": REFERENCE,
+        "budget": {"trials": trials, "max_epochs": max_epochs, "trial_epochs": budget},
+        "seeds": seeds,
+        "metric": tuning_metric(cfg),
+        "table_best": table_best,
+        "grid": {k: list(v) for k, v in grid.items()},
+        "configs": len(table),
+        "methods": measures(curves, table_best, sign),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def markdown(res: dict[str, Any]) -> str:
+    rows = []
+    for name, m in res["methods"].items():
+        f, r = m["epochs_to_reach_random_fifo_best"], m["final_regret"]
+        label = f"**{name}** (default)" if name == res["default"] else name
+        rows.append([label, f["median"], f"{f['q25']:.3f}-{f['q75']:.3f}", f"{m['reached']}/{len(res['seeds'])}",
+                     r["median"], r["mean"]])  # fmt: skip
+    head = ["method", "E/B median", "E/B q25-q75", "reached b_s", "final regret median", "final regret mean"]
+    b = res["budget"]
+    return (
+        f"{len(res['seeds'])} seeds; budget B = {b['trials']} trials x {b['max_epochs']} epochs = {b['trial_epochs']} "
+        f"trial-epochs; E/B = {NEVER} when b_s is never reached; table best {res['metric']} {res['table_best']:.4f}\n\n"
+        + md_table(head, rows)
+    )
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    budget = res["budget"]["trial_epochs"]
+    x = np.arange(1, budget + 1) / budget
+    for name, m in res["methods"].items():
+        a = m["anytime_regret"]
+        (line,) = ax.plot(x, a["median"], label=name, lw=2.5 if name == res["default"] else 1.2)
+        ax.fill_between(x, a["q25"], a["q75"], color=line.get_color(), alpha=0.12)
+    ax.axvline(0.25, color="grey", ls=":", lw=1)
+    ax.set_xlabel(f"trial-epochs consumed / B (B = {budget})")
+    ax.set_ylabel(f"regret: table best - running best {res['metric']}")
+    ax.set_title(f"Anytime regret, median and quartiles over {len(res['seeds'])} seeds")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_seeds(text: str) -> list[int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        seeds = list(range(int(lo), int(hi if sep else lo) + 1))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds {text!r} is not a range A-B with A <= B (e.g. --seeds 0-49)")
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default=None, help="seeds A-B, inclusive (default 0-49; --smoke: 0-1)")
+    p.add_argument("--out", type=Path, default=DOCS_DIR / "replay", help="output dir (default docs/benchmarks/replay)")
+    p.add_argument("--table", type=Path, default=TABLE, help="bench/tabulate.py's parquet table")
+    p.add_argument("--methods", nargs="+", default=None, help="method names (default: all; random+fifo always)")
+    p.add_argument("--config", type=Path, default=INTENTS_CONFIG, help="the config replayed (default intents.yaml)")
+    p.add_argument("--trials", type=int, default=32, help="N: random + FIFO's trials; B = N x max_epochs")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes")
+    p.add_argument("--synthetic", action="store_true", help="a synthetic table of the grid's size (timing)")
+    p.add_argument("--smoke", action="store_true", help="synthetic table, seeds 0-1: plumbing")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        seeds = parse_seeds(args.seeds or ("0-1" if args.smoke else "0-49"))
+        base = load_config(args.config)
+        if args.trials < 1:
+            raise UserError(f"--trials {args.trials} must be >= 1")
+        synthetic = args.synthetic or args.smoke
+        df = synthetic_table() if synthetic else load_table(args.table, base.train.metric)
+        res = replay(base, df, seeds, args.trials, args.methods, args.jobs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table_id = "synthetic" if synthetic else hashlib.sha256(args.table.read_bytes()).hexdigest()
+    res = {"smoke": args.smoke, "synthetic": synthetic, "table": str(args.table) if not synthetic else None,
+           "table_sha256": table_id, "config": str(args.config), **res, "wall_s": time.perf_counter() - start,
+           "jobs": args.jobs, "machine": machine()}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "results.json", res)
+    (args.out / "table.md").write_text(markdown(res))
+    plot(res, args.out / "anytime_regret.png")
+    print((args.out / "table.md").read_text())
+    print(f"[replay] {len(res['methods'])} methods x {len(seeds)} seeds in {res['wall_s']:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
