@@ -9,7 +9,7 @@ The space searched is the table's grid: each `param.<key>` column becomes a cate
 config a searcher picks has a row-set in the table. Everything else (metric, max_epochs, patience, points_to_evaluate
 restricted to the grid's keys, the seed) is the config's own.
 
-Definitions, per seed s (docs/benchmarks.md, section 9):
+Definitions, per seed s (docs/benchmarks.md, section 8c):
 - B = N x max_epochs trial-epochs (N = --trials, default 32): random + FIFO's budget. EVERY method, random + FIFO
   included, runs trials until it has consumed B trial-epochs (epoch reports, in the order they arrive); with early
   stopping (ASHA, patience) that is more than N trials.
