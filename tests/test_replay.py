@@ -133,7 +133,9 @@ def test_cli_contract(tmp_path: Path) -> None:
     path = tmp_path / "t.parquet"
     table({lr: [0.1 * i, 0.1 * i + 0.02 * (i % 3), 0.1 * i, 0.05 * i] for i, lr in enumerate(LRS)}).to_parquet(path)
     cmd = [sys.executable, str(ROOT / "bench" / "replay.py"), "--seeds", "3-5", "--out", str(tmp_path / "r")]
-    proc = subprocess.run([*cmd, "--table", str(path), "--trials", "4"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*cmd, "--table", str(path), "--trials", "4", "--jobs", "1"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["default"] == "tpe+asha det4@1" and res["default"] in res["methods"]
