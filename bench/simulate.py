@@ -62,6 +62,9 @@ class SimTrial:
     def experiment_tag(self) -> str:
         return str(self.number + 1)  # SearchGenerator's counter
 
+    def init_local_path(self) -> None:
+        """No trial directories in simulated time."""
+
     @property
     def last_result(self) -> dict[str, Any]:
         return self.rows[-1] if self.rows else {}

@@ -167,13 +167,17 @@ class BatchSearcher(Searcher):
         self.index: dict[str, int] = {}
         self.batches: dict[int, list[dict[str, Any]]] = {}
         self.max_concurrent = cfg.sweep.max_concurrent_trials
+        # How many new trials the scheduler can start now (set by OrderedScheduler.choose_trial_to_run). Suggesting
+        # only those, rather than every planned trial at once, keeps Tune's search unfinished until the last trial
+        # is due: Tune hands a finished trial's worker process to the next trial (`sweep.reuse_actors`) only then.
+        self.wanted = self.max_concurrent
         self.confirmed: set[str] = set()  # trials Tune has added (not saved: Tune adds them again on --resume)
         self.restored = False
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Tune's `max_concurrent_trials`: the scheduler admits at most this many running trials (True: Tune's
         ConcurrencyLimiter leaves the limiting to us). Not part of the saved state: --resume may change it."""
-        self.max_concurrent = max_concurrent
+        self.max_concurrent = self.wanted = max_concurrent
         return True
 
     def confirm(self, trial_id: str, params: dict[str, Any], tag_number: int, live: bool) -> None:
@@ -209,6 +213,8 @@ class BatchSearcher(Searcher):
         n, per_batch = len(self.records), self.cfg.sweep.trials_per_batch
         if n >= self.cfg.sweep.num_samples:
             return Searcher.FINISHED
+        if self.wanted <= 0:
+            return None  # no slot would take it yet; the params of trial n do not depend on when it is asked for
         k = n // per_batch
         if k not in self.batches:
             if not batch_gate_open(self.records, k, per_batch):
@@ -219,6 +225,7 @@ class BatchSearcher(Searcher):
         params = dict(self.batches[k][n % per_batch])
         self.index[trial_id] = n
         self.records.append(TrialRecord(trial_id, params))
+        self.wanted -= 1
         return params
 
     def number(self, trial_id: str) -> int:
@@ -298,6 +305,9 @@ class OrderedScheduler(TrialScheduler):
         tag_number = int(str(trial.experiment_tag).split("_")[0] or 0) - 1  # SearchGenerator's counter, 1-based
         live = trial.status not in (Trial.TERMINATED, Trial.ERROR)
         self.searcher.confirm(trial.trial_id, dict(trial.config), tag_number, live)
+        # Tune names a trial's directory when it first starts it, and its closing status table (printed after
+        # Ctrl-C too) fails on a queued trial without one (Trial.local_path raises): name it now.
+        trial.init_local_path()
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         s = self.searcher
@@ -308,15 +318,21 @@ class OrderedScheduler(TrialScheduler):
             return CONTINUE  # this report ends the trial anyway; pausing it would resume a finished run
         decision = self.decide(trial, int(result[EPOCH]))
         if decision is None:
-            self.admitted.discard(trial.trial_id)
+            self.leave_slot(trial)
             return PAUSE
         return decision
 
-    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
+    def leave_slot(self, trial: Trial) -> None:
+        """A trial stops running: its slot may take a new trial before the next `choose_trial_to_run` (Tune asks the
+        searcher first, and with nothing queued it would wait for a suggestion)."""
         self.admitted.discard(trial.trial_id)
+        self.searcher.wanted += 1
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
+        self.leave_slot(trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
-        self.admitted.discard(trial.trial_id)  # a retried trial queues again like any other
+        self.leave_slot(trial)  # a retried trial queues again like any other
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         self.admitted.discard(trial.trial_id)
@@ -337,17 +353,20 @@ class OrderedScheduler(TrialScheduler):
                 tune_controller._set_trial_status(t, Trial.PAUSED)  # whitelisted for schedulers
             elif t.status in (Trial.TERMINATED, Trial.ERROR):  # ended, whether or not the searcher was told
                 self.searcher.end(t.trial_id, failed=t.status == Trial.ERROR)
-        chosen = None
+        runnable = []
         for t in trials:
             if t.status != Trial.PAUSED:
                 continue
             decision = self.resume_decision(t)
             if decision == STOP:
                 tune_controller.stop_trial(t)  # stopped where it paused, never resumed
-            elif decision == CONTINUE and chosen is None:
-                chosen = t
+            elif decision == CONTINUE:
+                runnable.append(t)
         busy = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
-        if chosen is None or busy >= self.slots:
+        chosen = runnable[0] if runnable and busy < self.slots else None
+        # new trials wanted: the slots that neither a running nor a runnable queued trial will fill
+        self.searcher.wanted = max(0, self.slots - busy - len(runnable))
+        if chosen is None:
             return None
         self.admitted.add(chosen.trial_id)
         return chosen

@@ -121,7 +121,8 @@ def test_gpu_flops_formula() -> None:
 
 
 def test_prefix_cache_smoke(tmp_path: Path) -> None:
-    res = run_smoke("prefix_cache.py", tmp_path, timeout=600)
+    # every part but `deeper` (two more sweeps through the same `run_sweep` as `sweep`: 100 s of the suite's budget)
+    res = run_smoke("prefix_cache.py", tmp_path, "--parts", "epochs,sweep,flops", timeout=600)
     e = res["epochs"]
     assert e["build"]["cuts"] == [2, 3] and positive(e["build"]["build_s"]) and positive(e["build"]["gb"])
     assert [r["cut"] for r in e["table"]] == [3, 2, None]  # last_n 1, 2, 4 of 4 layers
@@ -139,9 +140,7 @@ def test_prefix_cache_smoke(tmp_path: Path) -> None:
     # fewer layers cached away, smaller gain: the speed-up falls as last_n grows, and stays above 1
     assert [r["train_speedup"] for r in f["rows"]] == sorted((r["train_speedup"] for r in f["rows"]), reverse=True)
     assert all(r["train_speedup"] > 1 and r["val_speedup"] > r["train_speedup"] for r in f["rows"])
-    d = res["deeper"]["sweeps"]
-    assert [(r["num_layers"], r["prefix_cache"]) for r in d] == [(4, False), (6, True)]
-    assert all(0 <= r["best_val_fbeta"] <= 1 and positive(r["wall_s"]) for r in d)
+    assert "deeper" not in res
 
 
 def test_determinism_cost_smoke(tmp_path: Path) -> None:

@@ -600,8 +600,8 @@ def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
     """The worker node dies (SIGKILL of its whole process group) while its trial trains: the trial is retried on
     the head node from its last checkpoint in the bucket, and the sweep ends with every trial finished."""
     # Epochs take ~1 s and the driver sees a result seconds after the worker sends it: the trial needs epochs
-    # left after the first ones seen (with 3 epochs it once finished before the kill landed).
-    epochs = 8
+    # left after the first ones seen (with 3 epochs one once finished before the kill landed).
+    epochs = 10
     c = Cluster()  # a cluster of its own: this one loses a node
     try:
         c.start()
@@ -612,6 +612,7 @@ def test_node_lost_mid_sweep(s3: S3Server, tmp_path: Path, procs: list) -> None:
             "sweep.max_failures": 2,
             "data.max_examples": 1500,
             "train.max_epochs": epochs,
+            "train.patience": epochs,  # no early stop: every trial runs its epochs
         }
         proc = cli_background(["--address", c.address, *sweep_args(s3, name, **overrides)], tmp_path / "d.log", c.env)
         procs.append(proc)

@@ -30,14 +30,15 @@ def strict_json(path: Path) -> dict:
 
 
 def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path, procs: list) -> None:
-    # The baseline weighs spam 0.01: it predicts (almost) no spam; the searcher's random second trial wins on val.
+    # The baseline weighs spam 0.01: it predicts (almost) no spam; the second trial, weighing it 8, wins on val (both
+    # given: a random second trial can draw a weight as small as the baseline's and tie it).
     config = write_config(
         tmp_path / "c.yaml",
         search={
             "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
             "train.class_weight": {"type": "float", "low": 0.01, "high": 10.0},
         },
-        points=[{"train.lr": 2e-3, "train.class_weight": 0.01}],
+        points=[{"train.lr": 2e-3, "train.class_weight": 0.01}, {"train.lr": 5e-3, "train.class_weight": 8.0}],
         **{
             "sweep.num_samples": 2,
             "sweep.n_startup_trials": 2,

@@ -8,11 +8,13 @@ import math
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 
 from lorahpo.config import ExperimentConfig
 from lorahpo.ordered import (
@@ -140,6 +142,13 @@ def test_rung_decision_waits_for_every_earlier_trial() -> None:
     assert rung_decision(recs, 2, 1, 2, -1.0) == CONTINUE  # minimising: 0.1 beats 0.5
 
 
+def eager_searcher(cfg: ExperimentConfig) -> BatchSearcher:
+    """A searcher driven without a scheduler: as if a slot were free for every trial (see the test after next)."""
+    searcher = BatchSearcher(cfg)
+    searcher.wanted = cfg.sweep.num_samples
+    return searcher
+
+
 def test_batches_are_planned_from_seed_and_earlier_results_only() -> None:
     cfg = cfg_for(**{"sweep.points_to_evaluate": "[]", "sweep.n_startup_trials": 2})
     done = [TrialRecord(f"t{i}", {"train.lr": 1e-3 * (i + 1)}, {1: 0.1 * i}, ended=True) for i in range(3)]
@@ -152,13 +161,30 @@ def test_batches_are_planned_from_seed_and_earlier_results_only() -> None:
     assert batch != plan_batch(cfg, 2, done, [])  # the results told change the plan
 
     # the gate: batch 2 waits until every trial of batch 0 has ended
-    searcher = BatchSearcher(cfg)
+    searcher = eager_searcher(cfg)
     ids = [f"t{i}" for i in range(7)]
     suggested = [searcher.suggest(i) for i in ids[:6]]
     assert all(s is not None for s in suggested) and searcher.suggest(ids[6]) is None
     for i in ids[:3]:
         searcher.on_trial_complete(i, {"epoch": 1, "best_val_fbeta": 0.5})
     assert searcher.suggest(ids[6]) is not None
+
+
+def test_searcher_suggests_only_the_trials_a_slot_wants() -> None:
+    """Trials are suggested as slots free up, not all at once, so that Tune's search stays unfinished (and a finished
+    trial's worker process is handed to the next trial) until the last trial is due."""
+    cfg = cfg_for(**{"sweep.points_to_evaluate": "[]", "sweep.num_samples": 3, "sweep.trials_per_batch": 3})
+    searcher = BatchSearcher(cfg)
+    searcher.set_max_concurrency(1)
+    assert searcher.suggest("t0") is not None and searcher.suggest("t1") is None  # one slot: one trial
+    scheduler = OrderedScheduler(cfg, searcher)
+    scheduler.on_trial_complete(None, SimpleNamespace(trial_id="t0"), {})
+    assert searcher.suggest("t1") is not None and searcher.suggest("t2") is None
+    scheduler.on_trial_complete(None, SimpleNamespace(trial_id="t1"), {})
+    assert searcher.suggest("t2") is not None and searcher.suggest("t3") == Searcher.FINISHED
+    # the params do not depend on when they were asked for
+    eager = eager_searcher(cfg)
+    assert [eager.suggest(f"t{i}") for i in range(3)] == [r.params for r in searcher.records]
 
 
 def cfg_for_keys(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -173,13 +199,13 @@ def cfg_for_keys(cfg: ExperimentConfig) -> dict[str, Any]:
 def test_searcher_state_round_trips(tmp_path: Path) -> None:
     """What Tune saves with each experiment snapshot restores a searcher that continues exactly."""
     cfg = cfg_for()
-    a = BatchSearcher(cfg)
+    a = eager_searcher(cfg)
     for i in range(6):
         a.confirm(f"t{i}", a.suggest(f"t{i}"), i, live=True)  # as Tune adds each suggested trial
     for i in range(3):
         a.on_trial_complete(f"t{i}", {"epoch": 2, "best_val_fbeta": 0.3 + 0.1 * i})
     a.save(str(tmp_path / "s.pkl"))
-    b = BatchSearcher(cfg)
+    b = eager_searcher(cfg)
     b.restore(str(tmp_path / "s.pkl"))
     for i in range(6):  # Tune adds its restored trials
         b.confirm(f"t{i}", {}, i, live=i >= 3)
@@ -191,16 +217,16 @@ def test_resume_reconciles_the_searcher_with_tunes_trials(tmp_path: Path) -> Non
     list. Tune's list wins: trials Tune never added are suggested again (same params), trials only Tune knows are
     recorded, and a trial Tune ended is ended."""
     cfg = cfg_for()
-    a = BatchSearcher(cfg)
+    a = eager_searcher(cfg)
     params = [a.suggest(f"t{i}") for i in range(6)]
     a.save(str(tmp_path / "ahead.pkl"))
-    ahead = BatchSearcher(cfg)
+    ahead = eager_searcher(cfg)
     ahead.restore(str(tmp_path / "ahead.pkl"))
     for i in range(4):  # Tune's trial list was saved before trials 4 and 5 were created
         ahead.confirm(f"t{i}", params[i], i, live=True)
     assert ahead.suggest("new4") == params[4] and ahead.number("new4") == 4 and "t5" not in ahead.index
 
-    behind = BatchSearcher(cfg)
+    behind = eager_searcher(cfg)
     for i in range(3):
         behind.suggest(f"t{i}")
     behind.confirm("t3", {**params[3], "extra": 1}, 3, live=True)  # restored by Tune, unknown to the searcher

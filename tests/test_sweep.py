@@ -182,25 +182,28 @@ def local_record(exp: Path) -> dict:
 
 
 def test_sweep_is_reproducible_at_any_concurrency(det_reference: dict, tmp_path: Path, procs: list) -> None:
-    """The same deterministic sweep one, two and three trials at a time, the first trials held back until the later
-    ones have reported (so they report in reverse order): the same Optuna study, per-epoch metrics, stop reasons,
-    best trial and test score."""
+    """The same deterministic sweep one and three trials at a time (two: the kill tests below), the first trials held
+    back until the later ones have reported (so they report in reverse order): the same Optuna study, per-epoch
+    metrics, stop reasons, best trial and test score."""
     reference = det_reference["record"]
     reasons = [t["stop_reason"] for t in reference["trials"]]
     assert len(reasons) == 6 and "asha_stop" in reasons and "max_epochs" in reasons  # ASHA stops some, not all
     for name in OUTPUTS:
         assert (det_reference["path"] / name).is_file(), name
-    for slots in (2, 3):
-        # trial n (n < slots) starts once trial n+1 has reported its first epoch: they report slots, ..., 2, 1
-        gates = {n: (tmp_path / f"go{slots}-{n}", [n + 1]) for n in range(1, slots)}
-        args, env = det_sweep(tmp_path, f"c{slots}", slots, {str(n): [str(g), 0] for n, (g, _) in gates.items()})
-        proc = cli_background(args, tmp_path / f"c{slots}.log", env=env)
-        procs.append(proc)
-        release_in_order(tmp_path / f"c{slots}", gates)
-        assert proc.wait(timeout=600) == 0, (tmp_path / f"c{slots}.log").read_text()[-3000:]
-        first = first_report_times(tmp_path / f"c{slots}")
-        assert sorted(range(1, slots + 1), key=first.get) == list(range(slots, 0, -1)), first  # reversed
-        assert local_record(tmp_path / f"c{slots}") == reference, slots
+    # reuse_actors: one trial at a time, one worker process ran all six (trials are suggested as slots free up)
+    pids = {int(p) for f in det_reference["path"].glob("trial_*/progress.csv") for p in pd.read_csv(f)["pid"]}
+    assert len(pids) == 1, pids
+    slots = 3
+    # trial n (n < slots) starts once trial n+1 has reported its first epoch: they report slots, ..., 2, 1
+    gates = {n: (tmp_path / f"go{slots}-{n}", [n + 1]) for n in range(1, slots)}
+    args, env = det_sweep(tmp_path, f"c{slots}", slots, {str(n): [str(g), 0] for n, (g, _) in gates.items()})
+    proc = cli_background(args, tmp_path / f"c{slots}.log", env=env)
+    procs.append(proc)
+    release_in_order(tmp_path / f"c{slots}", gates)
+    assert proc.wait(timeout=600) == 0, (tmp_path / f"c{slots}.log").read_text()[-3000:]
+    first = first_report_times(tmp_path / f"c{slots}")
+    assert sorted(range(1, slots + 1), key=first.get) == list(range(slots, 0, -1)), first  # reversed
+    assert local_record(tmp_path / f"c{slots}") == reference, slots
 
 
 def test_driver_killed_then_resume_finishes(det_reference: dict, tmp_path: Path, procs: list) -> None:
@@ -248,15 +251,18 @@ def test_worker_killed_in_a_parallel_deterministic_sweep(det_reference: dict, tm
     reference = det_reference["record"]
     victim = next((t["n"] for t in reference["trials"] if 2 <= t["n"] <= 4 and t["epochs"] == 2), None)
     assert victim is not None, "no trial of 2-4 continues past epoch 1 in the reference: nothing to kill mid-run"
-    gate = tmp_path / "go"
-    args, env = det_sweep(tmp_path, "wkill", 2, {"1": [str(gate), 0], str(victim): [0, 8]})
+    gate, hold = tmp_path / "go", tmp_path / "killed"
+    # the victim, resumed, waits for `hold`: created only after its worker is killed (a fixed wait could end before
+    # the driver's log shows the worker's line); its retry, resumed again, finds it and goes on
+    args, env = det_sweep(tmp_path, "wkill", 2, {"1": [str(gate), 0], str(victim): [0, str(hold)]})
     log = tmp_path / "driver.log"
     proc = cli_background(args, log, env=env)
     procs.append(proc)
     release_in_order(tmp_path / "wkill", {1: (gate, [2, 3, 4])})
-    waits = re.compile(rf"test delay: trial_{victim:03d}_\w+ waits for 8 in pid (\d+)")
+    waits = re.compile(rf"test delay: trial_{victim:03d}_\w+ waits for {re.escape(str(hold))} in pid (\d+)")
     pid = int(wait_for(lambda: waits.findall(log.read_text()), 300, f"trial {victim} resuming")[0])
     os.kill(pid, signal.SIGKILL)  # resumed from its checkpoint, before its next report
+    hold.touch()
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
 
     assert len(waits.findall(log.read_text())) == 2  # the retry resumed from the checkpoint too
