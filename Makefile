@@ -22,7 +22,7 @@ sweep: install            ## python tune_lora.py with configs/default.yaml (pass
 	$(PY) tune_lora.py $(ARGS)
 
 test: install             ## every test tier: config, unit, end-to-end sweeps, cluster + S3
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(ARGS)  # the 25 slowest tests, to keep the suite in budget
 
 test-fast: install        ## unit tiers only
 	$(PY) -m pytest -q -m "not slow and not cluster" $(ARGS)
