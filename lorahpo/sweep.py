@@ -15,6 +15,7 @@ final     with final.seeds = k > 0: the best config and the baseline re-trained 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -23,6 +24,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +164,7 @@ def run(
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
             meta["prefix_cache"] = cache_info
             tuner = start(cfg, data, meta, overwrite, prefix)
-        try:
+        with storage_errors(cfg):  # StorageWatch's error (Tune wraps it), or storage gone while results are written
             grid = tuner.fit()
             unfinished = cfg.sweep.num_samples - grid.num_terminated - grid.num_errors
             if unfinished > 0:
@@ -172,15 +174,22 @@ def run(
                     "--resume to continue it"
                 )
             return finalise(cfg, grid, data, meta)
-        except (Interrupted, SweepFailed):
-            raise
-        except Exception:  # StorageWatch's error (Tune wraps it), or storage gone while results are written
-            error = storage_failure(cfg)
-            if error is None:
-                raise
-            raise error from None
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def storage_errors(cfg: ExperimentConfig) -> Iterator[None]:
+    """An error while storage is gone becomes its one-line cause (lorahpo.storage.storage_failure); others pass."""
+    try:
+        yield
+    except (Interrupted, SweepFailed):
+        raise
+    except Exception:
+        error = storage_failure(cfg)
+        if error is None:
+            raise
+        raise error from None
 
 
 def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any) -> Any:
@@ -328,17 +337,10 @@ def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], addre
     try:
         check_cluster(cfg)
         summary = json.loads(read_text(fs, f"{exp}/summary.json") or "{}")
-        try:
+        with storage_errors(cfg):  # storage gone while the runs train or their results are written
             if "test_ci95" not in summary and summary["test"]:  # a sweep finished before test intervals existed
                 summary = rescore_best(cfg, data, summary)
             return final(cfg, data, plan, summary)
-        except (Interrupted, SweepFailed):
-            raise
-        except Exception:  # storage gone while the runs train or their results are written
-            error = storage_failure(cfg)
-            if error is None:
-                raise
-            raise error from None
     finally:
         ray.shutdown()
 

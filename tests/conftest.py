@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,18 @@ def release_in_order(exp: Path, gates: dict[int, tuple[Path, list[int]]], timeou
                 del pending[n]
         time.sleep(0.2)
     assert not pending, f"trials {sorted(pending)} were never released: {first_report_times(exp)}"
+
+
+class Crash(Exception):
+    """Raised by `crash_after`: a trial dying mid-run."""
+
+
+def crash_after(epoch: int, dest: Path) -> Callable[[dict, Path], None]:
+    """A `fit` report hook that copies the checkpoint of `epoch` to `dest` and then crashes the trial."""
+
+    def report(row: dict, ckpt: Path) -> None:
+        if row["epoch"] == epoch:
+            shutil.copytree(ckpt, dest)
+            raise Crash
+
+    return report

@@ -4,7 +4,6 @@ resumes exactly, builds the same bits every time (memory or disk), and is placed
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from lorahpo.prefix import (
 from lorahpo.sources import load_model_config
 from lorahpo.trainable import CKPT_NAME, build_module, fit
 
-from .conftest import cli, tiny_args, tiny_config
+from .conftest import Crash, cli, crash_after, tiny_args, tiny_config
 
 LAYERS = 4  # tests/conftest.py's tiny model keeps 4 layers
 TIMING = {"epoch_time_s"}
@@ -130,16 +129,8 @@ def test_trial_with_and_without_cache_ends_with_the_same_metrics(tiny_data: Task
 def test_resume_with_cache_is_bit_identical(tmp_path: Path, tiny_data: TaskData, cached_run: tuple) -> None:
     cfg, cache, uninterrupted = cached_run
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_two(row: dict, ckpt: Path) -> None:
-        if row["epoch"] == 2:
-            shutil.copytree(ckpt, tmp_path / "ckpt")
-            raise Crash
-
     with pytest.raises(Crash):
-        fit(cfg, tiny_data, crash_after_two, prefix=cache)
+        fit(cfg, tiny_data, crash_after(2, tmp_path / "ckpt"), prefix=cache)
     resumed = _rows(cfg, tiny_data, resume_from=tmp_path / "ckpt" / CKPT_NAME, prefix=cache)
     assert resumed == uninterrupted[2:]  # exact float equality, every metric
 

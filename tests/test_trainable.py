@@ -28,7 +28,7 @@ from lorahpo.trainable import (
     trial_threads,
 )
 
-from .conftest import load_best, tiny_config
+from .conftest import Crash, crash_after, load_best, tiny_config
 
 TIMING = {"epoch_time_s"}
 
@@ -52,16 +52,8 @@ def test_resume_from_checkpoint_replays_exactly(tmp_path: Path, tiny_data: TaskD
     cfg = tiny_config(**{"train.max_epochs": 3, "lora.dropout": 0.1, "train.patience": 5})
     full = _rows(cfg, tiny_data)
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_two(row: dict, ckpt: Path) -> None:
-        if row["epoch"] == 2:
-            shutil.copytree(ckpt, tmp_path / "ckpt")
-            raise Crash
-
     with pytest.raises(Crash):
-        fit(cfg, tiny_data, crash_after_two)
+        fit(cfg, tiny_data, crash_after(2, tmp_path / "ckpt"))
     size = (tmp_path / "ckpt" / CKPT_NAME).stat().st_size
     assert size < 2_000_000  # adapter + head + optimizer state; no base weights
     resumed = _rows(cfg, tiny_data, resume_from=tmp_path / "ckpt" / CKPT_NAME)
