@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import re
 import socket
@@ -105,6 +106,11 @@ def read_bytes(fs: pyarrow.fs.FileSystem, path: str) -> bytes | None:
 def read_text(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
     data = read_bytes(fs, path)
     return None if data is None else data.decode()
+
+
+def read_json(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any]:
+    """A JSON object written by the sweep (manifest.json, summary.json); {} where there is none."""
+    return json.loads(read_text(fs, path) or "{}")
 
 
 def write_bytes(fs: pyarrow.fs.FileSystem, path: str, payload: bytes) -> None:

@@ -73,6 +73,7 @@ from lorahpo.storage import (
     experiment_dir,
     location,
     read_bytes,
+    read_json,
     read_text,
     storage_failure,
     upload,
@@ -139,8 +140,7 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) the sweep on a local or existing Ray cluster, then finalise it; returns the summary."""
     exp, fs = experiment_dir(cfg)
-    # "local" starts a fresh local Ray even if a stale one from a killed run is still up (plain init would join it).
-    ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+    start_ray(address)
     try:
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
         # the prefix cache: sized and placed (or refused) before anything is written, built before any trial
@@ -148,7 +148,7 @@ def run(
         if spec is not None:
             prefix, cache_info = prepare_prefix(cfg, data, spec, forwarded_env())
         if resume:
-            meta = json.loads(read_text(fs, f"{exp}/manifest.json") or "{}")
+            meta = read_json(fs, f"{exp}/manifest.json")
             meta.setdefault("resumes", []).append(
                 {
                     "at": _now(),
@@ -176,6 +176,12 @@ def run(
             return finalise(cfg, grid, data, meta)
     finally:
         ray.shutdown()
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start a fresh local Ray: "local" even if a stale one from a killed run is
+    still up (plain init would join it)."""
+    ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
 
 
 @contextlib.contextmanager
@@ -302,7 +308,7 @@ def final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], summary: 
             "wall_time_s": round(time.perf_counter() - start, 1),  # this driver's part, if it continued another's
         },
     }
-    meta = json.loads(read_text(fs, f"{exp}/manifest.json") or "{}")
+    meta = read_json(fs, f"{exp}/manifest.json")
     runs = [{k: r[k] for k in ("role", "index", "seed", "trial_id")} for r in records]
     entry = {"at": _now(), "plan": {**plan, "runs": runs}, "git": git_state(), "versions": versions()}
     meta.setdefault("finals", []).append({**entry, "hardware": hardware()})
@@ -325,7 +331,7 @@ def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bo
     exp, fs = experiment_dir(cfg)
     where = display(cfg, experiment=True)
     check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
-    summary = json.loads(read_text(fs, f"{exp}/summary.json") or "{}")
+    summary = read_json(fs, f"{exp}/summary.json")
     trials = pd.read_parquet(io.BytesIO(read_bytes(fs, f"{exp}/results.parquet") or b""))
     return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials))
 
@@ -333,10 +339,10 @@ def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bo
 def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None) -> dict:
     """--final: the final evaluation of a finished sweep (new, or continued where a killed driver left it)."""
     exp, fs = experiment_dir(cfg)
-    ray.init(address=address or "local", log_to_driver=True, configure_logging=False)
+    start_ray(address)
     try:
         check_cluster(cfg)
-        summary = json.loads(read_text(fs, f"{exp}/summary.json") or "{}")
+        summary = read_json(fs, f"{exp}/summary.json")
         with storage_errors(cfg):  # storage gone while the runs train or their results are written
             if "test_ci95" not in summary and summary["test"]:  # a sweep finished before test intervals existed
                 summary = rescore_best(cfg, data, summary)
