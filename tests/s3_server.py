@@ -10,8 +10,10 @@ again from its first request. A SIGKILL loses whatever was not saved (moto keeps
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -61,13 +63,39 @@ def save(port: int, state: Path) -> int:
     return len(objects)
 
 
-def serve(port: int) -> BaseWSGIServer:
+class Handler(MotoRequestHandler):
+    """moto's handler, keeping a set of the connections it is serving, so that a stop can cut them."""
+
+    open: set[socket.socket] = set()
+
+    def setup(self) -> None:
+        super().setup()
+        Handler.open.add(self.connection)
+
+    def finish(self) -> None:
+        Handler.open.discard(self.connection)
+        super().finish()
+
+
+def serve(port: int, handler: type = MotoRequestHandler) -> BaseWSGIServer:
     """moto's WSGI app on 127.0.0.1:port, served from a thread (binding fails here, at once, if the port is taken)."""
     server = make_server(
-        "127.0.0.1", port, DomainDispatcherApplication(create_backend_app), True, request_handler=MotoRequestHandler
+        "127.0.0.1", port, DomainDispatcherApplication(create_backend_app), True, request_handler=handler
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def cut(server: BaseWSGIServer) -> None:
+    """Stop accepting, cut every open connection (a client may hold one idle, or stall mid-request: its handler would
+    wait for it forever), then wait for every handler to return: after this, nothing writes to the backend."""
+    server.shutdown()
+    for conn in list(Handler.open):
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed meanwhile
+            pass
+    server.server_close()  # joins the handler threads
 
 
 def main() -> None:
@@ -82,11 +110,11 @@ def main() -> None:
     # public port serves the restored objects from its first request and takes no writes while they are saved.
     private = serve(0)
     restored = restore(private.port, args.state)
-    public = serve(args.port)
+    public = serve(args.port, Handler)
     print(f"serving on 127.0.0.1:{args.port} ({restored} objects restored)", flush=True)
     stop.wait()
-    public.shutdown()
-    public.server_close()
+    faulthandler.dump_traceback_later(60, exit=False)  # a stop that hangs shows where, in the log
+    cut(public)
     saved = save(private.port, args.state)
     private.shutdown()
     print(f"stopped; {saved} objects saved", flush=True)

@@ -558,11 +558,15 @@ def test_storage_lost_mid_sweep_then_resume(cluster: Cluster, tmp_path: Path, pr
         store.start()
         store.client().create_bucket(Bucket=BUCKET)
         name = "storage_loss"
+        # Epochs take ~1 s: with 3 the sweep could end (and be uploading its results) before the test saw the first
+        # checkpoint; with 12 and no early stop, S3 goes down while trials still train.
+        epochs = 12
         overrides = {
             "sweep.num_samples": 3,
             "sweep.scheduler": "fifo",
             "data.max_examples": 1500,
-            "train.max_epochs": 3,
+            "train.max_epochs": epochs,
+            "train.patience": epochs,
         }
         args = ["--address", cluster.address, *sweep_args(store, name, **overrides)]
         proc = cli_background(args, tmp_path / "driver.log", env=cluster.env)
@@ -584,9 +588,9 @@ def test_storage_lost_mid_sweep_then_resume(cluster: Cluster, tmp_path: Path, pr
         assert run.returncode == 0, run.stderr[-3000:]
         df = pd.read_parquet(io.BytesIO(store.read(f"{PREFIX}/{name}/results.parquet")))
         assert len(df) == 3 and df["trial_id"].is_unique
-        assert (df["epochs"] == 3).all() and (df["stop_reason"] == "max_epochs").all()
+        assert (df["epochs"] == epochs).all() and (df["stop_reason"] == "max_epochs").all()
         rows = {t: history(store, name, t) for t in df["trial_id"]}
-        assert all(set(h["epoch"]) == {1, 2, 3} for h in rows.values())
+        assert all(set(h["epoch"]) == set(range(1, epochs + 1)) for h in rows.values())
         rerun = sum(len(h) - h["epoch"].nunique() for h in rows.values())
     finally:
         store.kill()
