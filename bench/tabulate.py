@@ -9,7 +9,7 @@ config's full curve; a replay applies any smaller patience exactly). The one dif
 tabulation only: each trial also scores the TEST split after every epoch (`TestEveryEpoch`, through
 `lorahpo.trainable.fit`'s `callbacks=` seam), timed apart so that `epoch_time_s` keeps its normal-sweep meaning.
 
-    python bench/tabulate.py                     # the full table (~2-3 h on 2 idle cores; resumable, run it alone)
+    python bench/tabulate.py                     # the full table (~1.8 h on 2 idle cores; resumable, run it alone)
     python bench/tabulate.py --resume            # continue an interrupted run (or rebuild the table of a finished one)
     python bench/tabulate.py --smoke --out /tmp/t   # plumbing: tiny random model, 4 configs x 2 epochs, seconds
 
