@@ -175,12 +175,19 @@ def synthetic_table(grid_config: Path = GRID_CONFIG, seed: int = 0) -> pd.DataFr
 # One replay and the measures
 
 
-def running_best(cfg: ExperimentConfig, table: dict[tuple, list], slots: int, budget: int) -> list[float]:
+FIRST = 8  # trials whose configs a replay records, in the order they start: a real sweep's first trials match them
+
+
+def running_best(
+    cfg: ExperimentConfig, table: dict[tuple, list], slots: int, budget: int
+) -> tuple[list[float], list[list[Any]]]:
     """The sweep's running best of its tuning metric after each of its first `budget` trial-epochs (epoch reports in
-    the order they arrive)."""
+    the order they arrive), and the grid values (in `cfg.search` order) of its first FIRST trials as they started."""
     keys = list(cfg.search)
     sim = simulate(cfg, lambda p: table[tuple(p[k] for k in keys)], slots=slots, budget=budget)
     by_trial = {t.number: t.tuning for t in sim.trials}
+    params = {t.number: [native(t.params[k]) for k in keys] for t in sim.trials}
+    started = [number for _, number, what, _ in sim.events if what == "start"]
     sign = 1.0 if cfg.train.mode == "max" else -1.0
     best, out = -np.inf, []
     for _, number, what, epoch in sim.events:
@@ -189,10 +196,10 @@ def running_best(cfg: ExperimentConfig, table: dict[tuple, list], slots: int, bu
             out.append(sign * best)
     if len(out) != budget:
         raise RuntimeError(f"{method_name(cfg, slots)} reported {len(out)} trial-epochs, not {budget}")
-    return out
+    return out, [params[n] for n in started[:FIRST]]
 
 
-def replay_one(job: tuple[ExperimentConfig, dict[tuple, list], int, int]) -> list[float]:
+def replay_one(job: tuple[ExperimentConfig, dict[tuple, list], int, int]) -> tuple[list[float], list[list[Any]]]:
     cfg, table, slots, budget = job
     return running_best(cfg, table, slots, budget)
 
@@ -256,7 +263,8 @@ def replay(
             results = list(pool.map(replay_one, work, chunksize=max(1, len(work) // (4 * jobs))))
     else:
         results = [replay_one(w) for w in work]
-    curves = {m: results[i * len(seeds) : (i + 1) * len(seeds)] for i, m in enumerate(chosen)}
+    per_method = {m: results[i * len(seeds) : (i + 1) * len(seeds)] for i, m in enumerate(chosen)}
+    curves = {m: [curve for curve, _ in runs] for m, runs in per_method.items()}
     sign = 1.0 if base.train.mode == "max" else -1.0
     table_best = sign * max(sign * v for script in table.values() for v, _ in script)
     return {
@@ -269,6 +277,8 @@ def replay(
         "grid": {k: list(v) for k, v in grid.items()},
         "configs": len(table),
         "methods": measures(curves, table_best, sign),
+        # per method and seed: the grid values (in "grid" order) of the first trials, as they started
+        "first_trials": {m: [first for _, first in runs] for m, runs in per_method.items()},
     }
 
 

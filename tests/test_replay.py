@@ -56,6 +56,7 @@ def test_random_fifo_trajectory_by_hand() -> None:
     lrs = [study.ask(fixed_distributions=space).params["train.lr"] for _ in range(trials)]
     by_hand = np.maximum.accumulate([v for lr in lrs for v in curves[lr]]).tolist()
     m = res["methods"]["random+fifo"]
+    assert res["first_trials"] == {"random+fifo": [[[lr] for lr in lrs]]}  # per method, per seed, in start order
     best = max(by_hand)
     assert m["anytime_regret"]["median"] == pytest.approx([0.45 - b for b in by_hand], abs=1e-12)
     assert res["table_best"] == pytest.approx(0.45)
@@ -121,7 +122,7 @@ def test_trial_epochs_counted_in_the_order_they_arrive() -> None:
     df["iter_s"] = 11.0 - 10.0 * df["val_f1"]
     cfg = replay.replay_config(base(1, searcher="random", scheduler="fifo"), replay.grid_of(df), 4)
     lookup = replay.lookup(df, "val_f1", 1)
-    flat = [len(set(replay.running_best(apply_overrides(cfg, {"seed": s}), lookup, n, 4))) == 1 for s in range(5)
+    flat = [len(set(replay.running_best(apply_overrides(cfg, {"seed": s}), lookup, n, 4)[0])) == 1 for s in range(5)
             for n in (4, 1)]  # fmt: skip
     assert all(flat[0::2]) and not all(flat[1::2])
 
