@@ -22,6 +22,8 @@ Definitions, per seed s (docs/benchmarks.md, section 8c):
     python bench/replay.py --seeds 0-49 --out docs/benchmarks/replay   # the real table (docs/benchmarks/tabulate/)
     python bench/replay.py --synthetic --seeds 0-49 --out /tmp/r       # a synthetic table of the grid's size (timing)
     python bench/replay.py --smoke --out /tmp/r                        # plumbing: synthetic table, 2 seeds
+    python bench/replay.py --check-sweep results/NAME --seeds 0-49     # a real sweep of bench/intents_grid.yaml
+                                                                       # vs the replay of its config and seed
 
 Output in --out: results.json ("default", "methods", "budget", per-seed numbers), table.md, anytime_regret.png.
 """
@@ -32,6 +34,7 @@ import argparse
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import sys
 import time
@@ -45,8 +48,10 @@ import pandas as pd
 from common import DOCS_DIR, REPO_ROOT, machine, md_table, write_json
 from simulate import simulate
 
-from lorahpo.config import ExperimentConfig, ParamSpec, apply_overrides, load_config, tuning_metric
+from lorahpo.config import ExperimentConfig, ParamSpec, apply_overrides, config_from_yaml, load_config, tuning_metric
 from lorahpo.errors import UserError
+from lorahpo.results import history, load_experiment, ordered
+from lorahpo.storage import filesystem, read_text
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # OptunaSearch's "new study created", once per replay
 
@@ -108,7 +113,7 @@ def native(v: Any) -> Any:
 def load_table(path: Path, metric: str) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(
-            f"no table at {path}: make it with python bench/tabulate.py (~2.5 h alone on 2 cores), pass --table PATH, "
+            f"no table at {path}: make it with python bench/tabulate.py (~1.8 h alone on 2 cores), pass --table PATH, "
             "or --synthetic for a plumbing check"
         )
     df = pd.read_parquet(path)
@@ -283,6 +288,57 @@ def replay(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# A real sweep against its replay
+
+
+def compare(real: list[dict[str, Any]], replayed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Trial by trial (creation order; each {"params": [...], "values": [per-epoch metric]}): how many of the first
+    trials have the same params, and for those with the same params and epochs, how far the scores are apart."""
+    same = 0
+    for a, b in zip(real, replayed):
+        if a["params"] != b["params"]:
+            break
+        same += 1
+    pairs = [(a, b) for a, b in zip(real[:same], replayed[:same]) if len(a["values"]) == len(b["values"])]
+    diffs = [abs(x - y) for a, b in pairs for x, y in zip(a["values"], b["values"])]
+    return {"trials": [len(real), len(replayed)], "same_first_trials": same,
+            "same_epochs": len(pairs), "max_abs_score_diff": max(diffs, default=None)}  # fmt: skip
+
+
+def check_sweep(path: str, df: pd.DataFrame, seeds: list[int]) -> dict[str, Any]:
+    """A real sweep that searched the table's grid (python tune_lora.py --config bench/intents_grid.yaml ...) against
+    the replay of its own config and seed: the same trials in the same order, the scores against the table's (equal
+    when the sweep's seed is the table's: every trial trains with the root seed), and where its best lands among the
+    replays of `seeds` with the same number of trial-epochs."""
+    inner, fs = filesystem(path)
+    text = read_text(fs, f"{inner}/config.yaml")
+    if text is None:
+        raise UserError(f"no sweep at {path} (its config.yaml is missing): pass a sweep's experiment directory")
+    cfg = config_from_yaml(text)
+    grid, keys, metric = grid_of(df), list(cfg.search), cfg.train.metric
+    space = {k: tuple(s.choices or ()) for k, s in cfg.search.items()}
+    if list(space.items()) != list(grid.items()):  # the order of keys and choices steers the samplers too
+        raise UserError(f"the sweep at {path} did not search the table's grid {grid}: sweep bench/intents_grid.yaml")
+    table = lookup(df, metric, cfg.train.max_epochs)
+    real = [{"params": [native(r.config[k]) for k in keys], "values": history(r)[metric].tolist()}
+            for r in ordered(load_experiment(path)[0])]  # fmt: skip
+    slots = cfg.sweep.max_concurrent_trials
+    sim = simulate(cfg, lambda p: table[tuple(p[k] for k in keys)], slots=slots)
+    replayed = [{"params": [native(t.params[k]) for k in keys], "values": t.values} for t in sim.trials]
+    budget, sign = sum(len(t["values"]) for t in real), 1.0 if cfg.train.mode == "max" else -1.0
+    real_best = sign * max(sign * v for t in real for v in t["values"])
+    rcfg = replay_config(cfg, grid, budget)
+    spread = [running_best(apply_overrides(rcfg, {"seed": s}), table, slots, budget)[0][-1] for s in seeds]
+    return {
+        "sweep": path, "seed": cfg.seed, "method": method_name(cfg, slots), "trial_epochs": budget,
+        **compare(real, replayed), "real_best": real_best,
+        "replay_best_same_seed": sign * max(sign * v for t in sim.trials for v in t.values),
+        "replays": {"seeds": [seeds[0], seeds[-1]], **quartiles(spread), "min": min(spread), "max": max(spread),
+                    "at_or_below_real_best": sum(sign * v <= sign * real_best for v in spread)},
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 
 
@@ -348,10 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="processes")
     p.add_argument("--synthetic", action="store_true", help="a synthetic table of the grid's size (timing)")
     p.add_argument("--smoke", action="store_true", help="synthetic table, seeds 0-1: plumbing")
+    p.add_argument("--check-sweep", default=None, metavar="DIR", help="a real sweep of the grid vs its replay")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         seeds = parse_seeds(args.seeds or ("0-1" if args.smoke else "0-49"))
+        if args.check_sweep:
+            check = check_sweep(args.check_sweep, load_table(args.table, load_config(args.config).train.metric), seeds)
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_json(args.out / f"check_{Path(args.check_sweep).name}.json", check)
+            print(json.dumps(check, indent=1))
+            return 0
         base = load_config(args.config)
         if args.trials < 1:
             raise UserError(f"--trials {args.trials} must be >= 1")

@@ -127,6 +127,21 @@ def test_trial_epochs_counted_in_the_order_they_arrive() -> None:
     assert all(flat[0::2]) and not all(flat[1::2])
 
 
+def test_compare_a_real_sweep_with_its_replay() -> None:
+    """Trial by trial in creation order: the count of first trials with the same params (up to the first that
+    differs), and the largest score difference over those that also ran the same epochs."""
+    replayed = [{"params": [1e-3, 4], "values": [0.5, 0.6]}, {"params": [2e-4, 1], "values": [0.1]},
+                {"params": [3e-5, 2], "values": [0.2, 0.3]}, {"params": [1e-2, 2], "values": [0.0]}]  # fmt: skip
+    real = [{"params": [1e-3, 4], "values": [0.5, 0.625]}, {"params": [2e-4, 1], "values": [0.1, 0.2]},
+            {"params": [3e-5, 2], "values": [0.2, 0.3]}, {"params": [1e-2, 4], "values": [0.9]}]  # fmt: skip
+    assert replay.compare(real, replayed) == {
+        "trials": [4, 4], "same_first_trials": 3, "same_epochs": 2, "max_abs_score_diff": pytest.approx(0.025)
+    }  # fmt: skip
+    assert replay.compare(real[:1], []) == {
+        "trials": [1, 0], "same_first_trials": 0, "same_epochs": 0, "max_abs_score_diff": None
+    }  # fmt: skip
+
+
 def test_cli_contract(tmp_path: Path) -> None:
     """`python bench/replay.py --seeds A-B --out DIR --table PATH` writes DIR/results.json with "default", the
     budget, and per method the E/B quartiles and the median final regret; and the plot. A missing table: exit 2, one
