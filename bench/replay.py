@@ -80,6 +80,10 @@ METHODS: list[tuple[dict[str, Any], int]] = [
     (_method("tpe", "asha", reduction_factor=3), 1),
     (_method("tpe", "asha", reduction_factor=4), 1),
     (_method("tpe", "asha", deterministic=True, n_startup_trials=2, reduction_factor=3), 1),
+    # deterministic with smaller batches (TPE learns from batches <= k-2: 2 per batch learns 2 trials sooner)
+    (_method("tpe", "asha", deterministic=True, trials_per_batch=2, n_startup_trials=2), 1),
+    (_method("tpe", "asha", deterministic=True, reduction_factor=4), 1),
+    (_method("tpe", "asha", deterministic=True, trials_per_batch=2, n_startup_trials=2, reduction_factor=4), 1),
 ]
 
 
