@@ -187,15 +187,20 @@ def synthetic_table(grid_config: Path = GRID_CONFIG, seed: int = 0) -> pd.DataFr
 FIRST = 8  # trials whose configs a replay records, in the order they start: a real sweep's first trials match them
 
 
+def grid_values(params: dict[str, Any], keys: list[str]) -> list[Any]:
+    """A trial's values of the grid's keys, in order: its config's key in the table (see `lookup`)."""
+    return [native(params[k]) for k in keys]
+
+
 def running_best(
     cfg: ExperimentConfig, table: dict[tuple, list], slots: int, budget: int
 ) -> tuple[list[float], list[list[Any]]]:
     """The sweep's running best of its tuning metric after each of its first `budget` trial-epochs (epoch reports in
     the order they arrive), and the grid values (in `cfg.search` order) of its first FIRST trials as they started."""
     keys = list(cfg.search)
-    sim = simulate(cfg, lambda p: table[tuple(p[k] for k in keys)], slots=slots, budget=budget)
+    sim = simulate(cfg, lambda p: table[tuple(grid_values(p, keys))], slots=slots, budget=budget)
     by_trial = {t.number: t.tuning for t in sim.trials}
-    params = {t.number: [native(t.params[k]) for k in keys] for t in sim.trials}
+    params = {t.number: grid_values(t.params, keys) for t in sim.trials}
     started = [number for _, number, what, _ in sim.events if what == "start"]
     sign = 1.0 if cfg.train.mode == "max" else -1.0
     best, out = -np.inf, []
@@ -324,11 +329,11 @@ def check_sweep(path: str, df: pd.DataFrame, seeds: list[int]) -> dict[str, Any]
     if list(space.items()) != list(grid.items()):  # the order of keys and choices steers the samplers too
         raise UserError(f"the sweep at {path} did not search the table's grid {grid}: sweep bench/intents_grid.yaml")
     table = lookup(df, metric, cfg.train.max_epochs)
-    real = [{"params": [native(r.config[k]) for k in keys], "values": history(r)[metric].tolist()}
+    real = [{"params": grid_values(r.config, keys), "values": history(r)[metric].tolist()}
             for r in ordered(load_experiment(path)[0])]  # fmt: skip
     slots = cfg.sweep.max_concurrent_trials
-    sim = simulate(cfg, lambda p: table[tuple(p[k] for k in keys)], slots=slots)
-    replayed = [{"params": [native(t.params[k]) for k in keys], "values": t.values} for t in sim.trials]
+    sim = simulate(cfg, lambda p: table[tuple(grid_values(p, keys))], slots=slots)
+    replayed = [{"params": grid_values(t.params, keys), "values": t.values} for t in sim.trials]
     budget, sign = sum(len(t["values"]) for t in real), 1.0 if cfg.train.mode == "max" else -1.0
     real_best = sign * max(sign * v for t in real for v in t["values"])
     rcfg = replay_config(cfg, grid, budget)
