@@ -37,7 +37,7 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from lorahpo.config import ExperimentConfig, tuning_metric
-from lorahpo.space import optuna_space
+from lorahpo.space import ask_new, optuna_space
 
 log = logging.getLogger(__name__)
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
@@ -111,7 +111,8 @@ def plan_batch(
     cfg: ExperimentConfig, k: int, finished: list[TrialRecord], running: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """The `trials_per_batch` params of batch k: a fresh study, seeded from (seed, k), told the finished trials in
-    number order and the running ones; `points_to_evaluate` that fall in this batch come first."""
+    number order and the running ones; `points_to_evaluate` that fall in this batch come first. No config of an
+    earlier trial or of this batch is planned again (`space.ask_new`)."""
     seed = batch_seed(cfg.seed, k)
     if cfg.sweep.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
@@ -141,7 +142,7 @@ def plan_batch(
     per_batch = cfg.sweep.trials_per_batch
     for point in cfg.sweep.points_to_evaluate[k * per_batch : (k + 1) * per_batch]:
         study.enqueue_trial(dict(point))  # a partial point: the sampler fills in the rest
-    return [study.ask(fixed_distributions=space).params for _ in range(per_batch)]
+    return [ask_new(study, space, seed).params for _ in range(per_batch)]
 
 
 def record_result(

@@ -3,6 +3,7 @@ what the study records."""
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 
 from lorahpo.config import ExperimentConfig, ParamSpec
@@ -19,3 +20,41 @@ def distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:
 def optuna_space(cfg: ExperimentConfig) -> dict[str, optuna.distributions.BaseDistribution]:
     """Search space keyed by dotted config path (what each trial overrides)."""
     return {key: distribution(spec) for key, spec in cfg.search.items()}
+
+
+OWN_ASKS, RANDOM_ASKS = 10, 100
+"""`ask_new`'s draws from the study's sampler, then from a seeded random sampler, before it repeats a config."""
+
+
+def ask_new(
+    study: optuna.Study, space: dict[str, optuna.distributions.BaseDistribution], seed: int
+) -> optuna.trial.Trial:
+    """Ask `study` for a config that none of its trials has (running or finished; a failed trial's may come again).
+    Every trial trains with the root seed, so a repeat would reproduce an earlier trial's numbers and only spend epochs;
+    yet on a space of choices TPE repeats its favourite often (docs/benchmarks.md, section 8d). A repeat is told
+    FAILED, which the samplers ignore, and the sampler draws again; when TPE is sure of its favourite every draw is it,
+    so after OWN_ASKS repeats a random sampler (seeded from `seed` and the trial count: reproducible) draws instead,
+    as Ax falls back to Sobol on a duplicate. Only a space (nearly) tried out gets a repeat."""
+    failed = optuna.trial.TrialState.FAIL
+    trials = study.get_trials(deepcopy=False)
+    tried = {tuple(sorted(t.params.items())) for t in trials if t.state != failed}
+
+    def draw(times: int) -> optuna.trial.Trial | None:
+        for _ in range(times):
+            trial = study.ask(fixed_distributions=space)
+            if tuple(sorted(trial.params.items())) not in tried:
+                return trial
+            study.tell(trial, state=failed)
+        return None
+
+    trial = draw(OWN_ASKS)
+    if trial is None:
+        own = study.sampler
+        study.sampler = optuna.samplers.RandomSampler(
+            seed=int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
+        )
+        try:
+            trial = draw(RANDOM_ASKS)
+        finally:
+            study.sampler = own
+    return trial or study.ask(fixed_distributions=space)

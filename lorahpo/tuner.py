@@ -21,12 +21,27 @@ from ray.tune.search.optuna import OptunaSearch
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
-from lorahpo.space import optuna_space
+from lorahpo.space import ask_new, optuna_space
 from lorahpo.storage import display, experiment_dir, storage, storage_failure
 from lorahpo.tracking import ray_default_loggers, tracker_callbacks
 from lorahpo.trainable import tune_trial
 
 log = logging.getLogger(__name__)
+
+
+class DistinctOptunaSearch(OptunaSearch):
+    """OptunaSearch that suggests no config an earlier trial has (`space.ask_new`): the asynchronous sweep's searcher
+    skips repeats as the deterministic one does. `seed` seeds its random draws after repeats."""
+
+    def __init__(self, seed: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._ot_study is not None and trial_id not in self._ot_trials and not callable(self._space):
+            # the trial OptunaSearch.suggest then returns (it asks only for a trial id it has no trial for)
+            self._ot_trials[trial_id] = ask_new(self._ot_study, self._space, self.seed)
+        return super().suggest(trial_id)
 
 
 def make_searcher(cfg: ExperimentConfig) -> Searcher:
@@ -41,7 +56,8 @@ def make_searcher(cfg: ExperimentConfig) -> Searcher:
     else:
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     points = [dict(p) for p in cfg.sweep.points_to_evaluate] or None  # partial points: Optuna samples the rest
-    return OptunaSearch(
+    return DistinctOptunaSearch(
+        seed=cfg.seed,
         space=optuna_space(cfg),
         metric=tuning_metric(cfg),
         mode=cfg.train.mode,

@@ -4,6 +4,8 @@ trials whose durations reorder when they report."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import random
 import sys
@@ -16,7 +18,7 @@ import pytest
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
-from lorahpo.config import ExperimentConfig
+from lorahpo.config import ExperimentConfig, ParamSpec
 from lorahpo.ordered import (
     CONTINUE,
     STOP,
@@ -252,3 +254,21 @@ def test_no_deadlock_and_same_result_under_random_timings(searcher: str) -> None
     one = summary(simulate(fifo, scripted(0, "lr"), slots=1))
     assert all(t[4] in ("max_epochs", "early_stop") for t in one)
     assert summary(simulate(fifo, scripted(1, "random"), slots=4)) == one
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("searcher", ["tpe", "random"])
+def test_no_config_is_trained_twice_until_the_space_is_tried_out(searcher: str, deterministic: bool) -> None:
+    # 3 x 2 = 6 configs and 8 trials: the first 6 trials are the 6 configs, each once (a repeat would reproduce an
+    # earlier trial's numbers, seed and all); then the space is tried out, and space.ask_new gives up and repeats
+    sweep = {"searcher": searcher, "deterministic": deterministic, "num_samples": 8, "trials_per_batch": 2,
+             "n_startup_trials": 2, "points_to_evaluate": "[]"}  # fmt: skip
+    cfg = cfg_for(**{f"sweep.{k}": v for k, v in sweep.items()})
+    space = {"train.lr": ParamSpec(type="categorical", choices=(1e-3, 2e-3, 3e-3)),
+             "lora.r": ParamSpec(type="categorical", choices=(4, 8))}  # fmt: skip
+    cfg = dataclasses.replace(cfg, search=space)
+    trials = simulate(cfg, scripted(0, "lr"), slots=2).trials
+    configs = [(t.params["train.lr"], t.params["lora.r"]) for t in trials]
+    assert len(configs) == 8, configs
+    assert sorted(configs[:6]) == sorted(itertools.product((1e-3, 2e-3, 3e-3), (4, 8)))
+    assert set(configs[6:]) <= set(configs[:6])

@@ -66,20 +66,22 @@ def test_random_fifo_trajectory_by_hand() -> None:
 
 def test_expected_best_of_k_random_draws() -> None:
     """One epoch per config, M distinct values v_1 < ... < v_M: random + FIFO's best after k trials is the max of k
-    uniform draws with replacement, E = sum_j v_j ((j/M)^k - ((j-1)/M)^k). Over 300 seeds the mean final regret must
-    match it within 4 standard errors (the closed form's own variance / 300): a fixed-seed test, so it cannot flake,
-    and a sampler that never drew the best config would land 8.6 standard errors away."""
+    uniform draws WITHOUT replacement (the sweep trains no config twice: space.ask_new), E = sum_j v_j (C(j,k) -
+    C(j-1,k)) / C(M,k). Over 300 seeds the mean final regret must match it within 4 standard errors (the closed form's
+    own variance / 300): a fixed-seed test, so it cannot flake. Draws with replacement (E 0.847) would land 4.3
+    standard errors away, and a sampler that never drew the best config 10.4."""
     M, k, seeds = 10, 4, list(range(300))
     values = [float(j) / M for j in range(1, M + 1)]
     df = table({lr: [v] for lr, v in zip(LRS, values)})
     res = replay.replay(base(1, deterministic=False), df, seeds, k, methods=["random+fifo"])
-    p = [(j / M) ** k - ((j - 1) / M) ** k for j in range(1, M + 1)]
+    p = [(math.comb(j, k) - math.comb(j - 1, k)) / math.comb(M, k) for j in range(1, M + 1)]
     mean = sum(v * q for v, q in zip(values, p))
     sd = math.sqrt(sum(v * v * q for v, q in zip(values, p)) - mean**2)
     regret = res["methods"]["random+fifo"]["final_regret"]["mean"]
     assert abs((values[-1] - regret) - mean) < 4 * sd / math.sqrt(len(seeds))
     per_seed = res["methods"]["random+fifo"]["per_seed"]["final_regret"]
     assert set(np.round(per_seed, 9)) <= {round(values[-1] - v, 9) for v in values}
+    assert all(len(set(map(tuple, first))) == k for first in res["first_trials"]["random+fifo"])  # k configs
 
 
 def test_measures_on_hand_made_curves() -> None:
