@@ -272,6 +272,8 @@ class Controller:
             if changed:
                 continue
             if not self.queue:
+                if self._ask():  # the scheduler stopped a paused trial while choosing: the searcher may now plan more
+                    continue  # (Tune asks the searcher at every step)
                 live = [t for t in self.trials if t.status not in (Trial.TERMINATED, Trial.ERROR)]
                 if live:
                     raise RuntimeError(f"deadlock at t={self.now:.1f}: {live} wait, nothing runs")
