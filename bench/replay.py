@@ -63,6 +63,8 @@ NEVER = 2.0  # the fraction of a method that never reaches b_s within B
 
 
 def _method(searcher: str, scheduler: str, deterministic: bool = False, **sweep: Any) -> dict[str, Any]:
+    """Every setting a method name tells, given (the rest are the config's): names mean the same whatever it holds."""
+    sweep = {"n_startup_trials": 4, "reduction_factor": 2, "grace_period": 1, "trials_per_batch": 4, **sweep}
     return {"sweep.searcher": searcher, "sweep.scheduler": scheduler, "sweep.deterministic": deterministic,
             **{f"sweep.{k}": v for k, v in sweep.items()}}  # fmt: skip
 
@@ -73,17 +75,20 @@ METHODS: list[tuple[dict[str, Any], int]] = [
     (_method("tpe", "fifo"), 1),
     (_method("random", "fifo"), 1),
     (_method("random", "asha"), 1),
-    (_method("tpe", "asha", deterministic=True), 1),
+    (_method("tpe", "asha", deterministic=True), 1),  # configs/intents.yaml's sweep settings before section 8d
     (_method("tpe", "asha", deterministic=True), 4),
-    # candidates for better defaults, each reachable from sweep.* values
+    # candidates for better defaults, each reachable from sweep.* values; rf=8 with max_epochs 4: one rung, at epoch 1
     (_method("tpe", "asha", n_startup_trials=2), 1),
     (_method("tpe", "asha", reduction_factor=3), 1),
     (_method("tpe", "asha", reduction_factor=4), 1),
-    (_method("tpe", "asha", deterministic=True, n_startup_trials=2, reduction_factor=3), 1),
-    # deterministic with smaller batches (TPE learns from batches <= k-2: 2 per batch learns 2 trials sooner)
-    (_method("tpe", "asha", deterministic=True, trials_per_batch=2, n_startup_trials=2), 1),
+    (_method("tpe", "asha", reduction_factor=8), 1),
     (_method("tpe", "asha", deterministic=True, reduction_factor=4), 1),
+    (_method("tpe", "asha", deterministic=True, reduction_factor=8), 1),
+    # smaller batches: batch k learns from batches <= k-2, so 2 (or 1) per batch learns 4 (or 6) trials sooner than 4
     (_method("tpe", "asha", deterministic=True, trials_per_batch=2, n_startup_trials=2, reduction_factor=4), 1),
+    (_method("tpe", "asha", deterministic=True, trials_per_batch=2, n_startup_trials=2, reduction_factor=8), 1),
+    (_method("tpe", "asha", deterministic=True, trials_per_batch=1, n_startup_trials=2, reduction_factor=8), 1),
+    (_method("tpe", "asha", deterministic=True, trials_per_batch=1, n_startup_trials=2, reduction_factor=8), 4),
 ]
 
 
@@ -213,11 +218,6 @@ def running_best(
     return out, [params[n] for n in started[:FIRST]]
 
 
-def replay_one(job: tuple[ExperimentConfig, dict[tuple, list], int, int]) -> tuple[list[float], list[list[Any]]]:
-    cfg, table, slots, budget = job
-    return running_best(cfg, table, slots, budget)
-
-
 def fraction_to_reach(best: list[float], target: float, sign: float) -> float:
     """E / B: the trial-epochs consumed when the running best first reaches `target`, over the budget; NEVER if not."""
     for e, v in enumerate(best, 1):
@@ -274,9 +274,9 @@ def replay(
             for s in seeds]  # fmt: skip
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(replay_one, work, chunksize=max(1, len(work) // (4 * jobs))))
+            results = list(pool.map(running_best, *zip(*work), chunksize=max(1, len(work) // (4 * jobs))))
     else:
-        results = [replay_one(w) for w in work]
+        results = [running_best(*w) for w in work]
     per_method = {m: results[i * len(seeds) : (i + 1) * len(seeds)] for i, m in enumerate(chosen)}
     curves = {m: [curve for curve, _ in runs] for m, runs in per_method.items()}
     sign = 1.0 if base.train.mode == "max" else -1.0

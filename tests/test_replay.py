@@ -123,7 +123,7 @@ def test_trial_epochs_counted_in_the_order_they_arrive() -> None:
     the same trials report one after another (not flat for some seed: the check is not vacuous)."""
     df = table({lr: [v] for lr, v in zip(LRS, np.linspace(0.1, 1.0, 10))})
     df["iter_s"] = 11.0 - 10.0 * df["val_f1"]
-    cfg = replay.replay_config(base(1, searcher="random", scheduler="fifo"), replay.grid_of(df), 4)
+    cfg = replay.replay_config(base(1, searcher="random", scheduler="fifo", trials_per_batch=4), replay.grid_of(df), 4)
     lookup = replay.lookup(df, "val_f1", 1)
     flat = [len(set(replay.running_best(apply_overrides(cfg, {"seed": s}), lookup, n, 4)[0])) == 1 for s in range(5)
             for n in (4, 1)]  # fmt: skip
@@ -157,7 +157,7 @@ def test_cli_contract(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert res["default"] == "tpe+asha det4@1" and res["default"] in res["methods"]
+    assert res["default"] == "tpe+asha startup=2 rf=8 det1@1" and res["default"] in res["methods"]
     assert res["seeds"] == [3, 4, 5] and res["budget"] == {"trials": 4, "max_epochs": 4, "trial_epochs": 16}
     assert {"random+fifo", "tpe+asha", "tpe+fifo", "random+asha", "tpe+asha det4@4"} <= set(res["methods"])
     for m in res["methods"].values():
