@@ -37,7 +37,7 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from lorahpo.config import ExperimentConfig, tuning_metric
-from lorahpo.space import ask_new, optuna_space
+from lorahpo.space import ask_new, child_seed, optuna_space
 
 log = logging.getLogger(__name__)
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
@@ -97,11 +97,6 @@ def batch_gate_open(records: list[TrialRecord], k: int, per_batch: int) -> bool:
     return all(rec.ended for rec in records[: told_before(k, per_batch)])
 
 
-def batch_seed(seed: int, k: int) -> int:
-    """The sampler seed of batch k: a fixed function of the root seed and k."""
-    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-
-
 def final_value(rec: TrialRecord) -> float | None:
     """What the sampler is told of a finished trial: its last tuning-metric value (the running best)."""
     return rec.values[max(rec.values)] if rec.values and not rec.failed else None
@@ -113,7 +108,7 @@ def plan_batch(
     """The `trials_per_batch` params of batch k: a fresh study, seeded from (seed, k), told the finished trials in
     number order and the running ones; `points_to_evaluate` that fall in this batch come first. No config of an
     earlier trial or of this batch is planned again (`space.ask_new`)."""
-    seed = batch_seed(cfg.seed, k)
+    seed = child_seed(cfg.seed, k)  # the sampler seed of batch k: a fixed function of the root seed and k
     if cfg.sweep.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=cfg.sweep.n_startup_trials

@@ -3,6 +3,8 @@ what the study records."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import optuna
 
@@ -22,6 +24,16 @@ def optuna_space(cfg: ExperimentConfig) -> dict[str, optuna.distributions.BaseDi
     return {key: distribution(spec) for key, spec in cfg.search.items()}
 
 
+def child_seed(seed: int, n: int) -> int:
+    """A seed that is a fixed function of (seed, n), independent of its neighbours (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, n]).generate_state(1)[0])
+
+
+def config_key(params: dict[str, Any]) -> tuple:
+    """A trial's config as a hashable key: equal for equal configs."""
+    return tuple(sorted(params.items()))
+
+
 OWN_ASKS, RANDOM_ASKS = 10, 100
 """`ask_new`'s draws from the study's sampler, then from a seeded random sampler, before it repeats a config."""
 
@@ -37,12 +49,12 @@ def ask_new(
     as Ax falls back to Sobol on a duplicate. Only a space (nearly) tried out gets a repeat."""
     failed = optuna.trial.TrialState.FAIL
     trials = study.get_trials(deepcopy=False)
-    tried = {tuple(sorted(t.params.items())) for t in trials if t.state != failed}
+    tried = {config_key(t.params) for t in trials if t.state != failed}
 
     def draw(times: int) -> optuna.trial.Trial | None:
         for _ in range(times):
             trial = study.ask(fixed_distributions=space)
-            if tuple(sorted(trial.params.items())) not in tried:
+            if config_key(trial.params) not in tried:
                 return trial
             study.tell(trial, state=failed)
         return None
@@ -50,9 +62,7 @@ def ask_new(
     trial = draw(OWN_ASKS)
     if trial is None:
         own = study.sampler
-        study.sampler = optuna.samplers.RandomSampler(
-            seed=int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
-        )
+        study.sampler = optuna.samplers.RandomSampler(seed=child_seed(seed, len(trials)))
         try:
             trial = draw(RANDOM_ASKS)
         finally:

@@ -38,7 +38,7 @@ class DistinctOptunaSearch(OptunaSearch):
         self.seed = seed
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self._ot_study is not None and trial_id not in self._ot_trials and not callable(self._space):
+        if trial_id not in self._ot_trials:
             # the trial OptunaSearch.suggest then returns (it asks only for a trial id it has no trial for)
             self._ot_trials[trial_id] = ask_new(self._ot_study, self._space, self.seed)
         return super().suggest(trial_id)
