@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,20 +182,36 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+NON_LETTERS = re.compile(r"[\W\d_]+")  # anything but a letter (of any script): digits, punctuation, symbols
+
+
+def near_key(text: str) -> str:
+    """The project's near-duplicate rule: two texts are near-duplicates when they are equal once case, digits,
+    punctuation and whitespace are dropped (lower-case, every run of non-letters one space). "Call 0800 123 now!" and
+    "call 0800 124 now" are one text: a template with another number, which a classifier that saw one in training
+    recognises in val or test. A text with no letter at all keeps its exact form (`normalise`), so "123" and "456"
+    stay two texts."""
+    return " ".join(NON_LETTERS.sub(" ", text.lower()).split()) or normalise(text)
+
+
 def split_indices(
     labels: np.ndarray, texts: list[str], fractions: tuple[float, float, float], seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Stratified, seeded train/val/test row indices in which every copy of a text (after `normalise`) lands in the
-    same split: a duplicate across splits would let val and test reward memorisation. The split is drawn over the
-    distinct texts (stratified by the label of each text's first occurrence), then each text brings its copies. With
-    test=0 it is ONE train_test_split(test_size=val), the predecessor's 70/30 setting. Also returns duplicate counts."""
-    codes, uniques = pd.factorize(pd.Series([normalise(t) for t in texts]))
-    first = np.unique(codes, return_index=True)[1]  # row of each distinct text's first occurrence
+    """Stratified, seeded train/val/test row indices in which every copy and every near-duplicate of a text (equal
+    under `near_key`) lands in the same split: a text in val or test that training saw, up to a digit or a full stop,
+    would reward memorisation. The split is drawn over the groups of near-duplicates (stratified by the label of each
+    group's first row), then each group brings its rows. With test=0 it is ONE train_test_split(test_size=val), the
+    predecessor's 70/30 setting. Also returns the counts: exact duplicates, near-duplicates beyond them, groups whose
+    rows carry more than one label."""
+    exact = pd.Series([normalise(t) for t in texts]).nunique()
+    codes, uniques = pd.factorize(pd.Series([near_key(t) for t in texts]))
+    first = np.unique(codes, return_index=True)[1]  # row of each group's first occurrence
     group_labels = labels[first]
     conflicts = int((pd.Series(labels).groupby(codes).nunique() > 1).sum())
     stats = {
-        "distinct_texts": len(uniques),
-        "duplicate_rows": len(texts) - len(uniques),
+        "distinct_texts": exact,
+        "duplicate_rows": len(texts) - exact,
+        "near_duplicate_rows": exact - len(uniques),
         "conflicting_labels": conflicts,
     }
     groups = np.arange(len(uniques))
@@ -239,13 +256,14 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     index = {n: i for i, n in enumerate(names)}
     y = df["label"].map(lambda v: index[str(v)]).to_numpy()
     parts, duplicates = split_indices(y, df["text"].tolist(), cfg.split, seed)
-    if duplicates["duplicate_rows"]:
+    if duplicates["duplicate_rows"] or duplicates["near_duplicate_rows"]:
         log.warning(
-            "%d of %d texts repeat another one (ignoring case and whitespace); all copies of a text stay in one "
-            "split%s",
+            "%d of %d texts repeat another one (ignoring case and whitespace) and %d more differ from another only in "
+            "digits or punctuation; all of them stay in one split with their twins%s",
             duplicates["duplicate_rows"],
             len(df),
-            f"; {duplicates['conflicting_labels']} texts carry more than one label"
+            duplicates["near_duplicate_rows"],
+            f"; {duplicates['conflicting_labels']} such groups carry more than one label"
             if duplicates["conflicting_labels"]
             else "",
         )

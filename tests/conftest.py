@@ -32,6 +32,12 @@ TINY = {
 }
 
 
+def word(i: int) -> str:
+    """A distinct word per number, without digits: texts that differ only in a digit are near-duplicates
+    (lorahpo.data.near_key), so synthetic texts spell their number in letters."""
+    return "".join("abcdefghij"[int(d)] for d in str(i))
+
+
 def tiny_config(**overrides: object) -> ExperimentConfig:
     """The default config on the tiny random Llama, with dotted overrides (use dict(...) for dotted keys)."""
     return apply_overrides(load_config(), {**TINY, **overrides})

@@ -15,7 +15,7 @@ import tune_lora
 from lorahpo.checks import check_dtype
 from lorahpo.config import load_config, to_dict
 
-from .conftest import cli, tiny_args, tiny_config
+from .conftest import cli, tiny_args, tiny_config, word
 from .fake_hub import FakeHub
 
 FAKE_TOKEN = "hf_lorahpoTESTtoken0123456789abcdefXYZ"
@@ -54,7 +54,7 @@ HAM = ["see you at 5", "ok thanks", "on my way home", "what time is dinner"]
 
 
 def good_rows(n: int = 40) -> dict[str, list]:
-    texts = [(SPAM if i % 4 == 0 else HAM)[i % 3] + f" {i}" for i in range(n)]
+    texts = [(SPAM if i % 4 == 0 else HAM)[i % 3] + f" {word(i)}" for i in range(n)]
     return {"text": texts, "label": ["spam" if i % 4 == 0 else "ham" for i in range(n)]}
 
 
@@ -96,7 +96,7 @@ def test_data_empty_texts_counted_and_rejected(run, tmp_path: Path) -> None:
 
 
 def test_data_single_class(run, tmp_path: Path) -> None:
-    path = csv_file(tmp_path, {"text": [f"t {i}" for i in range(20)], "label": ["ham"] * 20})
+    path = csv_file(tmp_path, {"text": [f"t {word(i)}" for i in range(20)], "label": ["ham"] * 20})
     assert "only one class (['ham'])" in run(f"data.path={path}", "data.positive_label=null")
 
 
@@ -111,7 +111,7 @@ def test_data_positive_label_missing(run, tmp_path: Path) -> None:
 
 
 def test_data_split_too_small_to_stratify(run, tmp_path: Path) -> None:
-    rows = {"text": [f"t {i}" for i in range(30)], "label": ["spam"] * 2 + ["ham"] * 28}
+    rows = {"text": [f"t {word(i)}" for i in range(30)], "label": ["spam"] * 2 + ["ham"] * 28}
     msg = run(f"data.path={csv_file(tmp_path, rows)}")
     assert "the smallest class has 2 distinct texts: too few for a stratified val split of 0.15" in msg
 
