@@ -12,8 +12,13 @@ tabulation only: each trial also scores the TEST split after every epoch (`TestE
     python bench/tabulate.py                     # the full table (~1.8 h on 2 idle cores; resumable, run it alone)
     python bench/tabulate.py --resume            # continue an interrupted run (or rebuild the table of a finished one)
     python bench/tabulate.py --smoke --out /tmp/t   # plumbing: tiny random model, 4 configs x 2 epochs, seconds
+    python bench/tabulate.py --config bench/assistant_grid.yaml --out docs/benchmarks/tabulate_assistant [--train-seed 1]
 
-Output (`--out`, default docs/benchmarks/tabulate/): `intents_grid.parquet` (one row per config and epoch),
+`--train-seed S` trains every config again with training seed S (model init, dropout, batch order) on the SAME split
+(drawn with the config's root seed): training noise, in `<grid>_train<S>.parquet` (and `results_train<S>.json`,
+`table_train<S>.md`), from its own Ray experiment `<sweep.name>_train<S>`.
+
+Output (`--out`, default docs/benchmarks/tabulate/): `<grid config name>.parquet` (one row per config and epoch),
 `results.json` (grid, machine, command, durations, summary) and `table.md`. The Ray experiment goes to
 `sweep.storage_path` (default bench/out/; git-ignored).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -56,7 +62,6 @@ from lorahpo.trainable import CKPT_NAME, TRIAL_LOG, fit, free_memory, library_lo
 sys.path[:] = [p for p in sys.path if Path(os.path.realpath(p or ".")) != BENCH_DIR]
 
 GRID_CONFIG = REPO_ROOT / "bench" / "intents_grid.yaml"
-TABLE = "intents_grid.parquet"
 SMOKE = {
     "model.name": "tiny-random-llama",
     "model.num_layers": 4,
@@ -66,7 +71,7 @@ SMOKE = {
 }
 # Per epoch and config; `param.<key>` columns (one per grid key) follow config_id.
 METRIC_COLUMNS = [f"{split}_{m}" for split in ("val", "test") for m in ("accuracy", "f1", "fbeta", "loss")]
-COLUMNS = ["config_id", "trial_id", "epoch", *METRIC_COLUMNS, "train_loss", "epoch_time_s", "test_time_s", "iter_s"]
+COLUMNS = ["config_id", "trial_id", "train_seed", "epoch", *METRIC_COLUMNS, "train_loss", "epoch_time_s", "test_time_s", "iter_s"]
 """epoch_time_s: the epoch's training + validation (what it costs in a normal sweep); test_time_s: this table's test
 scoring (not part of a normal sweep); iter_s: Tune's time for the epoch minus the test scoring (model build included
 in epoch 1, checkpoint and report in every epoch): a replay's simulated duration of the epoch."""
@@ -157,10 +162,13 @@ class TestEveryEpoch(L.Callback):
         self.latest = {f"test_{k}": scores[k] for k in METRICS} | {"test_time_s": time.perf_counter() - start}
 
 
-def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData, prefix: Any = None) -> None:
+def tabulation_trial(
+    params: dict[str, Any], base: ExperimentConfig, data: TaskData, prefix: Any = None, train_seed: int | None = None
+) -> None:
     """`lorahpo.trainable.tune_trial` with `TestEveryEpoch`: the same config, seed, data, prefix cache, resume and
-    report, plus the epoch's test scores in the report."""
-    cfg = apply_overrides(base, params)
+    report, plus the epoch's test scores in the report. `train_seed`: train with this seed instead of the root seed
+    (the data, split and prefix cache stay the root seed's)."""
+    cfg = apply_overrides(base, {**params, **({"seed": train_seed} if train_seed is not None else {})})
     cache = open_prefix(prefix, base, data) if prefix is not None else None
     scorer = TestEveryEpoch(data, cfg)
 
@@ -184,8 +192,10 @@ def tabulation_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskD
             free_memory()
 
 
-def tabulation_trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> Any:
-    fn = tune.with_parameters(tabulation_trial, base=cfg, data=data, prefix=prefix)
+def tabulation_trainable(
+    cfg: ExperimentConfig, data: TaskData, prefix: Any = None, train_seed: int | None = None
+) -> Any:
+    fn = tune.with_parameters(tabulation_trial, base=cfg, data=data, prefix=prefix, train_seed=train_seed)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
 
 
@@ -193,7 +203,7 @@ def tabulation_trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = No
 # The table
 
 
-def build_table(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> pd.DataFrame:
+def build_table(cfg: ExperimentConfig, points: list[dict[str, Any]], train_seed: int) -> pd.DataFrame:
     """One row per config and epoch, from the finished experiment (every config, every epoch, or an error)."""
     grid, _ = load_experiment(location(cfg, experiment=True), cfg.sweep.s3_endpoint)
     index = {json.dumps(p, sort_keys=True): i for i, p in enumerate(points)}
@@ -202,7 +212,12 @@ def build_table(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> pd.DataF
         config_id = index[json.dumps({k: r.config[k] for k in points[0]}, sort_keys=True)]
         h = history(r)
         frames.append(
-            h.assign(config_id=config_id, trial_id=trial_id(r), iter_s=h["time_this_iter_s"] - h["test_time_s"])
+            h.assign(
+                config_id=config_id,
+                trial_id=trial_id(r),
+                train_seed=train_seed,
+                iter_s=h["time_this_iter_s"] - h["test_time_s"],
+            )
         )
     df = pd.concat(frames, ignore_index=True)
     params = pd.DataFrame([{f"param.{k}": v for k, v in p.items()} for p in points])
@@ -283,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run; rebuild a finished run's table")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier tabulation run (deletes it)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start locally)")
+    p.add_argument("--train-seed", type=int, default=None, help="train every config with this seed (same split)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (e.g. sweep.storage_path)")
     args = p.parse_args(argv)
     out = (args.out or DOCS_DIR / "tabulate").resolve()
@@ -293,14 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lorahpo").setLevel(logging.INFO)
     storage = {"sweep.storage_path": str(out / "work" if args.smoke else WORK_DIR)}
     overrides = {**(SMOKE if args.smoke else {}), **storage, **parse_overrides(args.overrides)}
+    suffix = "" if args.train_seed is None else f"_train{args.train_seed}"
+    table = out / f"{args.config.stem}{suffix}.parquet"
     start = time.perf_counter()
     try:
         cfg, points, baseline = tabulation_config(args.config, overrides, args.smoke)
+        if suffix:  # its own experiment: the root seed's stays as it is
+            cfg = apply_overrides(cfg, {"sweep.name": cfg.sweep.name + suffix})
         exp, fs = experiment_dir(cfg)
         if not (args.resume and read_bytes(fs, f"{exp}/results.parquet") is not None):  # else: only the table
             # The one difference from a normal sweep: make_tuner and restore_tuner build each trial through
             # lorahpo.tuner.trainable; the tabulation's trial also scores the test split after every epoch.
-            lorahpo.tuner.trainable = tabulation_trainable
+            lorahpo.tuner.trainable = functools.partial(tabulation_trainable, train_seed=args.train_seed)
             address = args.address or os.environ.get("RAY_ADDRESS")
             data, plan = sweep.prepare(cfg, args.resume, args.overwrite, address)
             sweep.run(cfg, data, plan, address, args.resume, args.overwrite)
@@ -313,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except SweepFailed as e:
         print(f"failed: {e}", file=sys.stderr)
         return 1
-    df = build_table(cfg, points)
-    df.to_parquet(out / TABLE, index=False)
+    df = build_table(cfg, points, cfg.seed if args.train_seed is None else args.train_seed)
+    df.to_parquet(table, index=False)
     summary = summarise(df, cfg, points, baseline)
     # The budget the task was chosen under: an epoch costs no more than one of the default SMS config (same model)
     sms = apply_overrides(load_config(), {k: v for k, v in overrides.items() if k.startswith("model.")})
@@ -322,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "smoke": args.smoke,
         "config": str(args.config),
+        "train_seed": args.train_seed,
         "overrides": overrides,
         "grid": {k: list(spec.choices) for k, spec in cfg.search.items()},
         "rows": len(df),
@@ -329,10 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s_this_invocation": time.perf_counter() - start,
         "summary": summary,
     }
-    write_json(out / "results.json", result)
-    (out / "table.md").write_text(markdown(summary))
-    print((out / "table.md").read_text())
-    print(f"[tabulate] {len(df)} rows ({len(points)} configs) -> {out / TABLE}", flush=True)
+    write_json(out / f"results{suffix}.json", result)
+    (out / f"table{suffix}.md").write_text(markdown(summary))
+    print((out / f"table{suffix}.md").read_text())
+    print(f"[tabulate] {len(df)} rows ({len(points)} configs) -> {table}", flush=True)
     return 0
 
 

@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 
 # Data sets shipped inside the package, reachable as `data.path=bundled:<name>`: name -> sha256 of its file
 # lorahpo/resources/<name>.tsv (`label<TAB>text`, no header, no quoting), verified at every load. Sources, selection and
-# licences (both CC BY 4.0): lorahpo/resources/NOTICE.md.
+# licences (all CC BY 4.0): lorahpo/resources/NOTICE.md.
 BUNDLED: dict[str, str] = {
     # SMS Spam Collection v.1 (Almeida and Gomez Hidalgo 2011, UCI): 4,862 messages, ham 4,220 / spam 642.
     "sms_spam_collection": "883079d805cda90c823827a5237496f114d1eb823d95fe909dbea2038707180d",
     # Banking77 (PolyAI, Casanueva et al. 2020): its 25 card-payment, top-up and transfer intents, 100 queries each.
     "banking77_payments": "9b3de8e5f572d6a84b0b53287bc36abf068dcf9386cedcbcc1371a0c4ebe248d",
+    # HWU64 (Liu et al. 2019): 25 home-assistant intents (alarm, audio, calendar, email, iot, lists, play), 100 each.
+    "hwu64_assistant": "02f98a9bc6d41f6c4350fe56e9fe040023f3b6feb9ba4c150ed0ff0334ffdc0b",
 }
 BUNDLED_PREFIX = "bundled:"
 DEFAULT_BUNDLED = "sms_spam_collection"  # what `data.path: null` reads

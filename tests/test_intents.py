@@ -147,7 +147,7 @@ def test_intents_dry_run_lists_the_classes(tmp_path: Path, capsys: pytest.Captur
 # ------------------------------------------------------------------------------------------------------ tabulation
 GRID_KEYS = ["train.lr", "lora.last_n", "lora.r", "lora.alpha", "train.batch_size"]
 METRIC_COLUMNS = [f"{s}_{m}" for s in ("val", "test") for m in ("accuracy", "f1", "fbeta", "loss")]
-TABLE_COLUMNS = ["config_id", *(f"param.{k}" for k in GRID_KEYS), "trial_id", "epoch", *METRIC_COLUMNS, "train_loss",
+TABLE_COLUMNS = ["config_id", *(f"param.{k}" for k in GRID_KEYS), "trial_id", "train_seed", "epoch", *METRIC_COLUMNS, "train_loss",
                  "epoch_time_s", "test_time_s", "iter_s"]  # fmt: skip
 
 
@@ -160,6 +160,7 @@ def test_tabulate_smoke_table_matches_normal_trials(tmp_path: Path, tiny_data: T
     df = pd.read_parquet(tmp_path / "intents_grid.parquet")
     assert list(df.columns) == TABLE_COLUMNS
     assert df["config_id"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and df["epoch"].tolist() == [1, 2] * 4
+    assert set(df["train_seed"]) == {42}  # the root seed (--train-seed S trains with S on the same split)
     # the baseline's value of every key, and one other value of each of the first two
     assert set(zip(df["param.train.lr"], df["param.lora.last_n"])) == {(2e-4, 4), (2e-4, 1), (3e-5, 4), (3e-5, 1)}
     assert set(df["param.lora.r"]) == {16} and set(df["param.lora.alpha"]) == {32}
