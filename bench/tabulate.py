@@ -12,7 +12,7 @@ tabulation only: each trial also scores the TEST split after every epoch (`TestE
     python bench/tabulate.py                     # the full table (~1.8 h on 2 idle cores; resumable, run it alone)
     python bench/tabulate.py --resume            # continue an interrupted run (or rebuild the table of a finished one)
     python bench/tabulate.py --smoke --out /tmp/t   # plumbing: tiny random model, 4 configs x 2 epochs, seconds
-    python bench/tabulate.py --config bench/assistant_grid.yaml --out docs/benchmarks/tabulate_assistant [--train-seed 1]
+    python bench/tabulate.py --config bench/assistant_grid.yaml --out docs/benchmarks/tabulate_assistant
 
 `--train-seed S` trains every config again with training seed S (model init, dropout, batch order) on the SAME split
 (drawn with the config's root seed): training noise, in `<grid>_train<S>.parquet` (and `results_train<S>.json`,
@@ -71,7 +71,8 @@ SMOKE = {
 }
 # Per epoch and config; `param.<key>` columns (one per grid key) follow config_id.
 METRIC_COLUMNS = [f"{split}_{m}" for split in ("val", "test") for m in ("accuracy", "f1", "fbeta", "loss")]
-COLUMNS = ["config_id", "trial_id", "train_seed", "epoch", *METRIC_COLUMNS, "train_loss", "epoch_time_s", "test_time_s", "iter_s"]
+COLUMNS = ["config_id", "trial_id", "train_seed", "epoch", *METRIC_COLUMNS, "train_loss", "epoch_time_s", "test_time_s",
+           "iter_s"]  # fmt: skip
 """epoch_time_s: the epoch's training + validation (what it costs in a normal sweep); test_time_s: this table's test
 scoring (not part of a normal sweep); iter_s: Tune's time for the epoch minus the test scoring (model build included
 in epoch 1, checkpoint and report in every epoch): a replay's simulated duration of the epoch."""

@@ -13,9 +13,9 @@ from lorahpo.data import (
     LengthGroupedBatches,
     TaskData,
     label_map,
-    near_key,
     load_task,
     make_loader,
+    near_key,
     read_table,
     split_indices,
 )
@@ -123,7 +123,7 @@ def test_bundled_duplicates_never_straddle_splits(tiny_data: TaskData) -> None:
 
 
 def near(text: str) -> str:
-    """The near-duplicate rule as an independent reader states it: lower-case, non-letters to spaces, spaces collapsed."""
+    """The near-duplicate rule as an independent reader states it: lower-case, non-letters to spaces, collapsed."""
     return " ".join(re.sub(r"[^a-z ]+", " ", text.lower()).split())
 
 

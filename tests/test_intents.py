@@ -147,8 +147,8 @@ def test_intents_dry_run_lists_the_classes(tmp_path: Path, capsys: pytest.Captur
 # ------------------------------------------------------------------------------------------------------ tabulation
 GRID_KEYS = ["train.lr", "lora.last_n", "lora.r", "lora.alpha", "train.batch_size"]
 METRIC_COLUMNS = [f"{s}_{m}" for s in ("val", "test") for m in ("accuracy", "f1", "fbeta", "loss")]
-TABLE_COLUMNS = ["config_id", *(f"param.{k}" for k in GRID_KEYS), "trial_id", "train_seed", "epoch", *METRIC_COLUMNS, "train_loss",
-                 "epoch_time_s", "test_time_s", "iter_s"]  # fmt: skip
+TABLE_COLUMNS = ["config_id", *(f"param.{k}" for k in GRID_KEYS), "trial_id", "train_seed", "epoch", *METRIC_COLUMNS,
+                 "train_loss", "epoch_time_s", "test_time_s", "iter_s"]  # fmt: skip
 
 
 @pytest.mark.slow
