@@ -182,8 +182,12 @@ class BatchSearcher(Searcher):
         will run again is not ended."""
         if trial_id not in self.index and tag_number == len(self.records):
             log.warning("the searcher's saved state lacks %s (the driver stopped mid-save); taken from Tune", trial_id)
+            own = {k: params[k] for k in self.cfg.search if k in params}
+            per_batch = self.cfg.sweep.trials_per_batch
+            # its batch may be missing too (planned after the save): plan it again, and keep what Tune ran
+            self.planned(tag_number // per_batch)[tag_number % per_batch] = own
             self.index[trial_id] = tag_number
-            self.records.append(TrialRecord(trial_id, {k: params[k] for k in self.cfg.search if k in params}))
+            self.records.append(TrialRecord(trial_id, own))
         if trial_id in self.index:
             self.confirmed.add(trial_id)
             if live:
@@ -212,17 +216,23 @@ class BatchSearcher(Searcher):
         if self.wanted <= 0:
             return None  # no slot would take it yet; the params of trial n do not depend on when it is asked for
         k = n // per_batch
-        if k not in self.batches:
-            if not batch_gate_open(self.records, k, per_batch):
-                return None
-            finished = self.records[: told_before(k, per_batch)]
-            running = [dict(p) for j in range(max(0, k - LAG + 1), k) for p in self.batches[j]]
-            self.batches[k] = plan_batch(self.cfg, k, finished, running)
-        params = dict(self.batches[k][n % per_batch])
+        if k not in self.batches and not batch_gate_open(self.records, k, per_batch):
+            return None
+        params = dict(self.planned(k)[n % per_batch])
         self.index[trial_id] = n
         self.records.append(TrialRecord(trial_id, params))
         self.wanted -= 1
         return params
+
+    def planned(self, k: int) -> list[dict[str, Any]]:
+        """The params of batch k, planned now unless they are known (a pure function of the seed and the trials of
+        batches <= k - LAG, all ended by the time its gate opened; after --resume, as the restored records hold
+        them)."""
+        if k not in self.batches:
+            finished = self.records[: told_before(k, self.cfg.sweep.trials_per_batch)]
+            running = [dict(p) for j in range(max(0, k - LAG + 1), k) for p in self.planned(j)]
+            self.batches[k] = plan_batch(self.cfg, k, finished, running)
+        return self.batches[k]
 
     def number(self, trial_id: str) -> int:
         """A trial's number (suggestion order); trials this searcher did not suggest sort last."""
