@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import ray
 from ray.tune import ResultGrid
 
@@ -46,7 +44,7 @@ from lorahpo.checks import (
     local_nodes,
 )
 from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, config_yaml, to_dict
-from lorahpo.data import TaskData, load_task, split_rows
+from lorahpo.data import TaskData, load_task, read_parquet, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
 from lorahpo.final import describe as describe_final
@@ -332,7 +330,7 @@ def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bo
     where = display(cfg, experiment=True)
     check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
     summary = read_json(fs, f"{exp}/summary.json")
-    trials = pd.read_parquet(io.BytesIO(read_bytes(fs, f"{exp}/results.parquet") or b""))
+    trials = read_parquet(read_bytes(fs, f"{exp}/results.parquet") or b"", f"{where}/results.parquet")
     return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials))
 
 
