@@ -13,8 +13,9 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from transformers import AutoModelForCausalLM
 
-from lorahpo.config import ExperimentConfig, config_diff, config_from_yaml
+from lorahpo.config import ExperimentConfig, ParamSpec, apply_overrides, config_diff, config_from_yaml
 from lorahpo.errors import UserError
 from lorahpo.repro import git_state, versions
 from lorahpo.schema import valid_keys
@@ -28,16 +29,24 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
     """Config values (and search-space bounds) the model cannot satisfy. The one place `lora.last_n` meets the
     layer count: a trial that gets here builds its model without surprises."""
     layers = model_config.num_hidden_layers
-    last_n = [cfg.lora.last_n]
     spec = cfg.search.get("lora.last_n")
-    if spec is not None:
-        last_n += [int(v) for v in (*(spec.choices or ()), spec.high) if v is not None]
+    last_n = [cfg.lora.last_n, *(space_ends(spec) if spec is not None else ())]
     if max(last_n) > layers:
         raise UserError(
             f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
             f"{cfg.model.name}"
             + (f" truncated by model.num_layers={cfg.model.num_layers}" if cfg.model.num_layers else "")
             + f"; use at most {layers}"
+        )
+    spec = cfg.search.get("lora.target_modules")
+    wanted = {m for modules in (cfg.lora.target_modules, *(space_ends(spec) if spec else ())) for m in modules}
+    with torch.device("meta"):  # the module names without allocating any weight
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if wanted - names:
+        raise UserError(
+            f"lora.target_modules (config or search space) names {sorted(wanted - names)}, which {cfg.model.name} "
+            f"does not have; its linear layers include {sorted(n for n in names if n.endswith('_proj'))}"
         )
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
@@ -47,10 +56,25 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
         )
 
 
+def space_ends(spec: ParamSpec) -> list[Any]:
+    """The values of a search-space entry that bound what a trial can draw: every choice, or both ends of a range."""
+    if spec.type == "categorical":
+        return list(spec.choices or ())
+    cast = int if spec.type == "int" else float
+    return [cast(spec.low), cast(spec.high)]
+
+
 def check_points(cfg: ExperimentConfig) -> None:
-    """Every `sweep.points_to_evaluate` entry is a full point of the search space with each value inside its
-    distribution: the searcher would reject anything else only after the sweep has started (or, out of range, run it
-    and fail at the end)."""
+    """Every value a trial can draw is a valid value of its key (both ends of every range, every choice: a trial that
+    draws `lora.last_n=0` would otherwise fail mid-sweep), and every `sweep.points_to_evaluate` entry is a full point
+    of the search space with each value inside its distribution: the searcher would reject anything else only after
+    the sweep has started (or, out of range, run it and fail at the end)."""
+    for key, spec in cfg.search.items():
+        for value in space_ends(spec):
+            try:
+                apply_overrides(cfg, {key: value})
+            except UserError as e:
+                raise UserError(f"search.{key} allows {value!r}, which a trial cannot run: {e}") from None
     space = optuna_space(cfg)
     for i, point in enumerate(cfg.sweep.points_to_evaluate):
         where = f"sweep.points_to_evaluate[{i}]"

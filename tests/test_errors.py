@@ -233,6 +233,33 @@ def test_config_non_finite_numbers(run, value: str) -> None:
     assert "is not a finite number" in run(f"train.lr={value}")
 
 
+@pytest.mark.parametrize(
+    ("key", "spec", "expected"),
+    [
+        ("lora.last_n", {"type": "int", "low": 0, "high": 4},
+         "search.lora.last_n allows 0, which a trial cannot run: lora.last_n=0 must be >= 1"),
+        ("lora.last_n", {"type": "categorical", "choices": [1, 2, 6]},
+         "lora.last_n=6 (config or search space) exceeds the 4 layers of tiny-random-llama"),
+        ("train.batch_size", {"type": "categorical", "choices": [16, 0]},
+         "search.train.batch_size allows 0, which a trial cannot run: train.batch_size, train.max_epochs and"),
+        ("lora.dropout", {"type": "float", "low": 0.0, "high": 1.0},
+         "search.lora.dropout allows 1.0, which a trial cannot run: lora.dropout=1.0 must be in [0, 1)"),
+        ("lora.target_modules", {"type": "categorical", "choices": [["q_proj", "v_proj"], ["q_proj", "qkv_proj"]]},
+         "lora.target_modules (config or search space) names ['qkv_proj'], which tiny-random-llama does not have"),
+    ],
+)  # fmt: skip
+def test_config_every_value_a_trial_can_draw_is_checked(run, tmp_path: Path, key: str, spec: dict, expected: str):
+    """Both ends of a searched range and every choice, against the config's rules and the model, before any trial:
+    a trial that draws `lora.last_n=0` used to fail mid-sweep."""
+    import yaml
+
+    raw = to_dict(tiny_config())
+    raw["search"] = {key: spec}
+    raw["sweep"]["points_to_evaluate"] = []
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert expected in run(config=tmp_path / "c.yaml", flags=("--dry-run",))
+
+
 def test_config_non_finite_in_the_search_space(run, tmp_path: Path) -> None:
     import yaml
 
