@@ -84,9 +84,15 @@ def trial_id(result: tune.Result) -> str:
     return Path(result.path).name
 
 
+def trial_number(name: str) -> int:
+    """n of a trial's name `trial_<n>_<id>` (zero-padded to three digits, so from trial 1,000 on names no longer sort
+    as numbers do: compare numbers, never names)."""
+    return int(name.split("_")[1])
+
+
 def ordered(results: Iterable[tune.Result]) -> list[tune.Result]:
     """Trials in creation order (directory names start with the searcher's counter)."""
-    return sorted(results, key=trial_id)
+    return sorted(results, key=lambda r: trial_number(trial_id(r)))
 
 
 def history(result: tune.Result) -> pd.DataFrame:
