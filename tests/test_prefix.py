@@ -69,7 +69,7 @@ def test_plan_asks_for_every_cut_of_the_space(tiny_cfg: ExperimentConfig, tiny_d
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "float32 from float64 kernels"])
-def states(request: pytest.FixtureRequest, tiny_data: TaskData) -> tuple[ExperimentConfig, PrefixCache]:
+def states(request: pytest.FixtureRequest, tiny_data: TaskData) -> tuple[str, ExperimentConfig, PrefixCache]:
     """States at every layer input in float32, in bfloat16 (the frozen base in bf16, as trials run it), and in float32
     from frozen layers run in float64: the same sums rounded otherwise, as another CPU's kernels round them (run this
     way, the old fixed atol=1e-5 failed at last_n=3, cut=1 with 2.1e-5, the pattern an Intel Xeon showed)."""
@@ -77,7 +77,7 @@ def states(request: pytest.FixtureRequest, tiny_data: TaskData) -> tuple[Experim
     with pytest.MonkeyPatch.context() as mp:
         if "float64" in request.param:  # test-only: the build's model in float64 (its states are stored as float32)
             mp.setattr(lorahpo.prefix, "build_base", lambda *a: build_base(*a).double())
-        return cfg, build_in_memory(cfg, tiny_data, _plan(cfg, tiny_data, tuple(range(LAYERS))))
+        return request.param, cfg, build_in_memory(cfg, tiny_data, _plan(cfg, tiny_data, tuple(range(LAYERS))))
 
 
 def _cached_and_full(module: torch.nn.Module, cache: PrefixCache, data: TaskData, cut: int, states_of: int) -> tuple:
@@ -97,11 +97,12 @@ def _cached_and_full(module: torch.nn.Module, cache: PrefixCache, data: TaskData
 
 def test_cached_logits_equal_full_model_for_every_last_n_and_cut(tiny_data: TaskData, states: tuple) -> None:
     """Per example, padded batches of cached states through the upper layers give the logits the full model gives the
-    same padded batch and the example alone (padding moves logits by float noise too), within float noise: the rule
-    of lorahpo.prefix.noise_rtol for the dtype and the depth, relative to the largest logit (the summary's cache check
-    uses the same rule), for last_n 1..L and every cut at or below the lowest LoRA layer (the lowest-cut fallback runs
-    the frozen layers in between). The states of the cut below are far outside it: the tolerance can fail."""
-    cfg, cache = states
+    same padded batch (and, in float32, the example alone: padding moves logits by float noise too), within float
+    noise: the rule of lorahpo.prefix.noise_rtol for the dtype and the depth, relative to the largest logit (the
+    summary's cache check uses the same rule), for last_n 1..L and every cut at or below the lowest LoRA layer (the
+    lowest-cut fallback runs the frozen layers in between). The states of the cut below are far outside it: the
+    tolerance can fail."""
+    case, cfg, cache = states
     split = tiny_data.val
     assert len({len(t) for t in split.input_ids}) > 10  # batches really are padded
     rtol = noise_rtol(cfg.model.dtype, LAYERS)
@@ -114,16 +115,17 @@ def test_cached_logits_equal_full_model_for_every_last_n_and_cut(tiny_data: Task
                     p.add_(torch.randn_like(p) * 0.2)
         module.eval()
         with torch.no_grad(), autocast:
-            alone = torch.cat([module.model(input_ids=torch.tensor([t])).logits.float() for t in split.input_ids])
             for cut in range(LAYERS - last_n + 1):
                 cached, full = _cached_and_full(module, cache, tiny_data, cut, cut)
                 atol = rtol * full.abs().max().item()
                 torch.testing.assert_close(cached, full, rtol=0, atol=atol, msg=f"last_n={last_n} cut={cut}")
-                torch.testing.assert_close(cached, alone, rtol=0, atol=atol, msg=f"last_n={last_n} cut={cut}")
-                if cut > 0:
-                    wrong, _ = _cached_and_full(module, cache, tiny_data, cut, cut - 1)
-                    assert (wrong - full).abs().max() > 3 * atol, f"last_n={last_n} cut={cut}"
-        assert (alone[:, 1] - alone[:, 0]).std() > 0.01  # not a constant the comparison would pass trivially
+            assert (full[:, 1] - full[:, 0]).std() > 0.01  # not a constant the comparison would pass trivially
+            if case == "float32":
+                alone = torch.cat([module.model(input_ids=torch.tensor([t])).logits for t in split.input_ids])
+                torch.testing.assert_close(cached, alone, rtol=0, atol=atol, msg=f"last_n={last_n} alone")
+            if last_n == 1:  # the states of cut 2 entering layer 3: far outside the tolerance
+                wrong, _ = _cached_and_full(module, cache, tiny_data, LAYERS - 1, LAYERS - 2)
+                assert (wrong - full).abs().max() > 10 * atol
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
