@@ -49,7 +49,7 @@ from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
 from lorahpo.final import describe as describe_final
 from lorahpo.plots import write_final_plot, write_plots
-from lorahpo.prefix import plan_prefix, prepare_prefix
+from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
 from lorahpo.repro import git_state, hardware, manifest, versions
 from lorahpo.results import (
     best_checkpoint,
@@ -105,8 +105,8 @@ def prepare(
     plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg), "data": data.info}
     prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
     plan["prefix_cache"] = (
-        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB "
-        "(in Ray's object store if it fits, else on each node's local disk; checked when the sweep starts)"
+        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB; placed when the "
+        f"sweep starts (its nodes' room is known then) in the first that fits of {ORDER}; the choice and why are logged"
         if prefix is not None
         else "off"
     )
@@ -258,37 +258,53 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
             (out / "test_predictions.csv").write_text(predictions_table(data, scored["test_predictions"]))
         cache_info = (meta.get("resumes") or [{}])[-1].get("prefix_cache") or meta.get("prefix_cache")
         if cache_info:
-            summary["prefix_cache"] = {**cache_info, **cache_check(grid, best, ckpt, scored["val"])}
+            result = next(r for r in grid if trial_id(r) == best["trial_id"])
+            cached = next(m for c, m in result.best_checkpoints if c.path == ckpt.path)  # that checkpoint's report
+            summary["prefix_cache"] = {**cache_info, **cache_check(cached, scored["val"], cache_info)}
         write_summary(summary, cfg, out)
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)  # a finished sweep from here on: a driver killed below continues with --final
     log_summary(cfg, summary)  # onto the trackers' sweep-level runs
+    if summary.get("prefix_cache", {}).get("error"):  # loud, once the results are written
+        raise SweepFailed(summary["prefix_cache"]["error"])
     if cfg.final.seeds > 0:
         summary = final(cfg, data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, df)), summary)
     return summary
 
 
-def cache_check(grid: ResultGrid, best: Any, checkpoint: Any, full: dict[str, float]) -> dict[str, Any]:
+def cache_check(cached: dict[str, Any], full: dict[str, float], info: dict[str, Any]) -> dict[str, Any]:
     """The prefix cache's faithfulness, on the result that matters: the best checkpoint's val metrics through the full
-    model (`full`, from the final scoring) against those its trial reported from cached states (equal up to float
-    noise). Compared with the report of that same checkpoint, so tied epochs cannot show a false difference."""
-    result = next(r for r in grid if trial_id(r) == best["trial_id"])
-    cached = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
+    model (`full`, from the final scoring) against those its trial reported from cached states (`cached`: the report
+    of that same checkpoint, so tied epochs cannot show a false difference). The val loss decides, within float noise
+    (prefix.noise_rtol of the dtype and depth, times the loss or 1): it moves smoothly with the logits, while float
+    noise can flip a near-tie prediction and move accuracy and F-scores by a whole example. Beyond it, `error`."""
     diff = {k: full[k] - float(cached[f"val_{k}"]) for k in METRICS}
-    worst = max(abs(v) for v in diff.values())
+    rtol = noise_rtol(info["dtype"], info["layers"])
+    tol = rtol * max(1.0, abs(full["loss"]))
     log.info(
-        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by at "
-        "most %.2g (%s)",
-        worst,
+        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by %s "
+        "(loss tolerance %.2g)",
         ", ".join(f"{k} {v:+.2g}" for k, v in diff.items()),
+        tol,
     )
-    return {
+    out = {
         "best_trial_cut": cached.get("prefix_cut"),
         "val_cached": {k: float(cached[f"val_{k}"]) for k in METRICS},
         "val_full_model": full,
-        "max_abs_diff": worst,
+        "max_abs_diff": max(abs(v) for v in diff.values()),
+        "loss_tolerance": tol,
+        "passed": abs(diff["loss"]) <= tol,
     }
+    if not out["passed"]:
+        out["error"] = (
+            f"prefix cache check: the best checkpoint's val loss is {full['loss']:.6f} through the full model but "
+            f"{cached['val_loss']:.6f} from the cached states (cut {out['best_trial_cut']}), beyond float noise "
+            f"({info['dtype']}, {info['layers']} layers: tolerance {tol:.2g}): its trials trained on wrong states. The "
+            f"results are written; delete {prefix_root()} on each node if the cache was on disk, and run again with "
+            "--overwrite (or sweep.prefix_cache=false)"
+        )
+    return out
 
 
 def final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
