@@ -262,8 +262,8 @@ class FinalConfig:
     run's best-val checkpoint scored once on the test split (lorahpo/final.py). It never feeds back into the search."""
 
     seeds: int = 0
-    """Fresh seeds per config (paired: the tuned and the baseline run i share seed i). 0 = off; k >= 2 gives the
-    gain an interval (a t interval over k paired differences). Each run costs about one trial."""
+    """Fresh seeds per config (paired: the tuned and the baseline run i share seed i). 0 = off; the gain's interval
+    holds the seeds' noise from k >= 2 on, the test set's from k = 1 (stats.GAIN_METHOD). A run costs about a trial."""
     baseline: bool = True
     """Also re-train the baseline: the first `sweep.points_to_evaluate` entry, else the config's own values for the
     search space's keys. Without it there is no tuning gain, only the tuned config's spread over seeds."""

@@ -323,8 +323,8 @@ def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
     )
 
 
-def _ci(interval: list[float]) -> str:
-    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+def _ci(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "(no interval: see the note)"
 
 
 def best_lines(s: dict[str, Any]) -> list[str]:

@@ -316,7 +316,7 @@ def final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], summary: 
     records = score_runs(cfg, data, plan, fit_runs(cfg, data, plan))
     summary = {
         **summary,
-        "final": final_block(cfg, plan, records),
+        "final": final_block(cfg, plan, records, data),
         "final_run": {
             "experiment": f"{location(cfg, experiment=True)}/{plan['experiment']}",
             "wall_time_s": round(time.perf_counter() - start, 1),  # this driver's part, if it continued another's
