@@ -218,7 +218,7 @@ class SweepConfig:
     nested under a sweep run; `pip install 'lorahpo[mlflow]'`), wandb (WANDB_PROJECT, WANDB_MODE=offline; trial runs
     grouped by sweep.name; `pip install 'lorahpo[wandb]'`)."""
     prefix_cache: bool = True
-    """Run the frozen layers below the trials' lowest LoRA layer once per sweep (over train, val and test) and train
+    """Run the frozen layers below the trials' lowest LoRA layer once per sweep (over train and val) and train
     every trial from their cached hidden states: each trial then pays only for the layers it trains. Equal to the full
     model up to float noise; exported models and the test score always use the full model."""
     prefix_cache_max_gb: float | None = None

@@ -144,7 +144,7 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     # metrics through the full model match what its trial reported from the cache
     check = summary["prefix_cache"]
     assert check["cuts"] == [2] and check["where"] == "memory" and check["best_trial_cut"] == 2
-    assert check["max_abs_diff"] < 1e-5 and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
+    assert check["passed"] and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
     assert (df["trainable_params"] > 0).all()
     assert f"Results: {exp}" in run.stdout and "test split:" in run.stdout
 
