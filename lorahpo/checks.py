@@ -131,7 +131,7 @@ def check_same_data(
                 " dirty" if now["dirty"] else "",
                 *version,
             )
-    except (ValueError, TypeError, AttributeError):  # ValueError: also bytes that are not UTF-8
+    except (ValueError, TypeError, AttributeError, RecursionError):  # ValueError: also bytes that are not UTF-8
         raise UserError(f"{flag}: {where}/manifest.json is not a manifest lorahpo wrote; restore it") from None
 
 
@@ -187,7 +187,7 @@ def check_finished(cfg: ExperimentConfig) -> None:
         raise UserError(f"--final: the sweep at {where} has not finished (no summary.json); finish it with --resume")
     try:
         summary = json.loads(summary)
-    except ValueError:  # also bytes that are not UTF-8
+    except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting deeper than Python's stack
         summary = None
     best = summary.get("best_trial") if isinstance(summary, dict) else None
     if not isinstance(summary, dict) or (best is not None and not isinstance(summary.get("best_params"), dict)):

@@ -59,7 +59,7 @@ def _record(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | str | None
         return f"not a file of at most {MAX_RECORD_BYTES} bytes"
     try:
         value = json.loads(read_bytes(fs, path) or b"")
-    except ValueError:  # also what is not UTF-8
+    except (ValueError, RecursionError):  # also what is not UTF-8, and nesting deeper than Python's stack
         return "not JSON"
     except OSError as e:  # e.g. another user's file, not readable
         return f"unreadable: {e}"
