@@ -3,8 +3,9 @@
 prepare   check everything that can be checked before training (the config's points, storage, experiment,
           resources, dtype, model), read + split + tokenize the data once (on --resume: the same data as before),
           and plan the sweep (what --dry-run prints)
-run       start (or join) Ray, check the cluster, claim the experiment directory, write provenance, run the Tune
-          sweep (new or resumed); an interrupted sweep stops here, its state kept for --resume
+run       start (or join) Ray, check the cluster, hold the experiment directory (lorahpo/owner.py: a second driver
+          is refused), write provenance, run the Tune sweep (new or resumed); an interrupted sweep stops here, its
+          state kept for --resume
 finalise  tables and study; for the best trial, on a worker with a trial's resources: its checkpoint scored
           ONCE on the untouched test split (with a bootstrap interval over its examples) and exported as best/;
           summary and plots; staged, then copied to storage
@@ -48,6 +49,7 @@ from lorahpo.data import TaskData, load_task, read_parquet, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
 from lorahpo.final import describe as describe_final
+from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
 from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
 from lorahpo.repro import git_state, hardware, manifest, versions
@@ -65,14 +67,11 @@ from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.stats import TEST_METRICS
 from lorahpo.storage import (
     check_storage,
-    claim,
     display,
-    exists,
     experiment_dir,
     location,
     read_bytes,
     read_json,
-    read_text,
     storage_failure,
     upload,
     upload_dir,
@@ -101,7 +100,7 @@ def prepare(
     data = _check_and_load(cfg, address, dry_run)
     if resume:
         exp, fs = experiment_dir(cfg)
-        check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
+        check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
     plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg), "data": data.info}
     prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
     plan["prefix_cache"] = (
@@ -139,12 +138,15 @@ def run(
     """Run (or resume) the sweep on a local or existing Ray cluster, then finalise it; returns the summary."""
     exp, fs = experiment_dir(cfg)
     start_ray(address)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(ray.shutdown)
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
         # the prefix cache: sized and placed (or refused) before anything is written, built before any trial
         prefix, spec, cache_info = None, plan_prefix(cfg, load_model_config(cfg.model), data), None
         if spec is not None:
             prefix, cache_info = prepare_prefix(cfg, data, spec, forwarded_env())
+        # held by this driver from before its first write to the end (released before Ray shuts down)
+        held = stack.enter_context(hold(cfg, "--resume" if resume else "--overwrite" if overwrite else None))
         if resume:
             meta = read_json(fs, f"{exp}/manifest.json")
             meta.setdefault("resumes", []).append(
@@ -161,7 +163,7 @@ def run(
         else:
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
             meta["prefix_cache"] = cache_info
-            tuner = start(cfg, data, meta, overwrite, prefix)
+            tuner = start(cfg, data, meta, overwrite, prefix, held)
         with storage_errors(cfg):  # StorageWatch's error (Tune wraps it), or storage gone while results are written
             grid = tuner.fit()
             unfinished = cfg.sweep.num_samples - grid.num_terminated - grid.num_errors
@@ -172,8 +174,6 @@ def run(
                     "--resume to continue it"
                 )
             return finalise(cfg, grid, data, meta)
-    finally:
-        ray.shutdown()
 
 
 def start_ray(address: str | None) -> None:
@@ -196,13 +196,13 @@ def storage_errors(cfg: ExperimentConfig) -> Iterator[None]:
         raise error from None
 
 
-def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any) -> Any:
-    """A new sweep's directory: claimed (two drivers never share one), its Tuner built, then provenance written
-    before any training. A failure here removes what this driver created, so no half-made sweep is left behind."""
+def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any, held: str) -> Any:
+    """A new sweep in the directory this driver holds (`held`: its owner record): the earlier sweep deleted with
+    --overwrite, the marker claimed, the Tuner built, then provenance written before any training. A failure here
+    removes what this driver created, so no half-made sweep is left behind."""
     exp, fs = experiment_dir(cfg)
-    if overwrite and exists(fs, exp):  # checks.check_experiment made sure it is a lorahpo sweep
-        log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
-        fs.delete_dir(exp)
+    if overwrite:
+        wipe(cfg, keep=held)
     owner = json.dumps(
         {"name": cfg.sweep.name, "created": meta["created"], "host": socket.gethostname(), "pid": os.getpid()}
     )
@@ -344,7 +344,7 @@ def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bo
     data = _check_and_load(cfg, address, dry_run)
     exp, fs = experiment_dir(cfg)
     where = display(cfg, experiment=True)
-    check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
+    check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
     summary = read_json(fs, f"{exp}/summary.json")
     trials = read_parquet(read_bytes(fs, f"{exp}/results.parquet") or b"", f"{where}/results.parquet")
     return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials))
@@ -356,8 +356,8 @@ def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], addre
     start_ray(address)
     try:
         check_cluster(cfg)
-        summary = read_json(fs, f"{exp}/summary.json")
-        with storage_errors(cfg):  # storage gone while the runs train or their results are written
+        with hold(cfg, "--final"), storage_errors(cfg):  # storage gone while the runs train or results are written
+            summary = read_json(fs, f"{exp}/summary.json")
             if "test_ci95" not in summary and summary["test"]:  # a sweep finished before test intervals existed
                 summary = rescore_best(cfg, data, summary)
             return final(cfg, data, plan, summary)

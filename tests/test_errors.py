@@ -223,8 +223,8 @@ def test_overwrite_refusal_names_the_directory(tmp_path: Path, capsys: pytest.Ca
     assert tune_lora.main([*tiny_args(tmp_path / "store"), "sweep.name=thesis", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: --overwrite: {other} exists but is not a lorahpo sweep (no .lorahpo-sweep marker, no lorahpo "
-        "config.yaml); it is never deleted: choose another sweep.name or sweep.storage_path"
+        f"error: --overwrite: {other} exists but is not a lorahpo sweep (no .lorahpo-sweep marker); it is never "
+        "deleted: choose another sweep.name or sweep.storage_path"
     ]
 
 
@@ -408,7 +408,14 @@ def test_existing_sweep_refused_resume_config_checked_token_never_written(tmp_pa
     assert sorted(str(p) for p in exp.rglob("*") if p.is_file()) == before  # nothing touched
     assert load_config(exp / "config.yaml").train.lr == 0.002
 
+    # links planted in the sweep (to a folder and a file of the user's) are removed, never followed
+    mine = tmp_path / "mine"
+    (mine / "thesis").mkdir(parents=True)
+    (mine / "thesis" / "chapter1.tex").write_text("years of work")
+    (exp / "thesis").symlink_to(mine / "thesis")
+    next(exp.glob("trial_*")).joinpath("notes").symlink_to(mine / "thesis" / "chapter1.tex")
     replaced = cli([*args, "--overwrite", "seed=3"])  # explicit: deleted, and said so
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert f"--overwrite: deleting the earlier experiment at {exp}" in replaced.stderr
     assert load_config(exp / "config.yaml").seed == 3
+    assert (mine / "thesis" / "chapter1.tex").read_text() == "years of work" and not (exp / "thesis").exists()

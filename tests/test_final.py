@@ -383,7 +383,7 @@ def test_final_addresses_only_a_finished_sweep_whose_config_differs_in_final_key
     (where / "summary.json").write_text(json.dumps({"best_trial": None}))
     with pytest.raises(UserError, match=r"^--final: every trial of the sweep at .* failed; there is no best config"):
         check_finished(cfg)
-    (where / "summary.json").write_text(json.dumps({"best_trial": "trial_000_x"}))
+    (where / "summary.json").write_text(json.dumps({"best_trial": "trial_000_x", "best_params": {}}))
     check_finished(apply_overrides(cfg, {"final.seeds": 5, "final.baseline": False}))  # final.* may differ
     with pytest.raises(UserError, match=r"^--final needs final.seeds >= 1 \(fresh seeds per config\)"):
         check_finished(apply_overrides(cfg, {"final.seeds": 0}))
