@@ -7,21 +7,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 from typing import Any
 
+import optuna
 import ray
 import torch
 import yaml
 from ray import tune
 from transformers import AutoModelForCausalLM
 
-from lorahpo.config import ExperimentConfig, ParamSpec, apply_overrides, config_diff, config_from_yaml
+from lorahpo.config import ExperimentConfig, apply_overrides, config_diff, config_from_yaml
 from lorahpo.errors import UserError
 from lorahpo.owner import check_free, check_sweep, occupied
 from lorahpo.repro import git_state, versions
 from lorahpo.schema import valid_keys
-from lorahpo.space import optuna_space
+from lorahpo.space import last_n_values, optuna_space, space_ends
 from lorahpo.storage import check_storage_shared, display, experiment_dir, read_bytes
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,10 @@ log = logging.getLogger(__name__)
 def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
     """Config values (and search-space bounds) the model cannot satisfy. The one place `lora.last_n` meets the
     layer count: a trial that gets here builds its model without surprises."""
-    layers = model_config.num_hidden_layers
-    spec = cfg.search.get("lora.last_n")
-    last_n = [cfg.lora.last_n, *(space_ends(spec) if spec is not None else ())]
-    if max(last_n) > layers:
+    layers, last_n = model_config.num_hidden_layers, max(cfg.lora.last_n, *last_n_values(cfg))
+    if last_n > layers:
         raise UserError(
-            f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
+            f"lora.last_n={last_n} (config or search space) exceeds the {layers} layers of "
             f"{cfg.model.name}"
             + (f" truncated by model.num_layers={cfg.model.num_layers}" if cfg.model.num_layers else "")
             + f"; use at most {layers}"
@@ -58,14 +56,6 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
         )
 
 
-def space_ends(spec: ParamSpec) -> list[Any]:
-    """The values of a search-space entry that bound what a trial can draw: every choice, or both ends of a range."""
-    if spec.type == "categorical":
-        return list(spec.choices or ())
-    cast = int if spec.type == "int" else float
-    return [cast(spec.low), cast(spec.high)]
-
-
 def check_points(cfg: ExperimentConfig) -> None:
     """Every value a trial can draw is a valid value of its key (both ends of every range, every choice: a trial that
     draws `lora.last_n=0` would otherwise fail mid-sweep), and every `sweep.points_to_evaluate` entry is a full point
@@ -85,13 +75,13 @@ def check_points(cfg: ExperimentConfig) -> None:
             raise UserError(f"{where} lacks {', '.join(missing)}; give a value for every key of the search space")
         for key, value in point.items():
             dist = space[key]
-            try:
-                inside = dist._contains(dist.to_internal_repr(value))
+            try:  # Optuna's own check of a param against its distribution (a trial made of it is validated)
+                optuna.trial.create_trial(params={key: value}, distributions={key: dist}, value=0.0)
             except (ValueError, TypeError):
-                inside = False
-            if not inside:
                 allowed = dist.choices if hasattr(dist, "choices") else f"[{dist.low}, {dist.high}]"
-                raise UserError(f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it")
+                raise UserError(
+                    f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it"
+                ) from None
 
 
 # Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may, except
@@ -218,24 +208,6 @@ def check_finished(cfg: ExperimentConfig) -> None:
         raise UserError(f"--final: {where}/summary.json is not a summary lorahpo wrote; restore it, or --resume")
     if best is None:
         raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere torch emulates bf16, very slowly. LORAHPO_CPU_BF16=0|1
-    overrides the detection (tests force the emulated path with it)."""
-    forced = os.environ.get("LORAHPO_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine().lower() in ("arm64", "aarch64")  # Apple silicon / Graviton have bf16 paths
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def cuda_bf16() -> list[bool]:
-    """bf16 support of each GPU this process sees (Ampere or newer)."""
-    return [torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count())]
 
 
 def check_dtype(cfg: ExperimentConfig, cpu_bf16: bool, cuda_bf16: list[bool]) -> None:

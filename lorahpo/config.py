@@ -310,6 +310,11 @@ def tuning_metric(cfg: ExperimentConfig) -> str:
     return f"best_{cfg.train.metric}"
 
 
+def direction(cfg: ExperimentConfig) -> str:
+    """Optuna's name for `train.mode`: the direction of every study of the sweep."""
+    return "maximize" if cfg.train.mode == "max" else "minimize"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading, overrides, dumping
 

@@ -33,7 +33,7 @@ from ray.tune.schedulers import FIFOScheduler
 from lorahpo.config import ExperimentConfig, apply_overrides, flatten, to_dict, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.errors import Interrupted, SweepFailed, UserError
-from lorahpo.results import error_line, trial_id
+from lorahpo.results import error_line
 from lorahpo.stats import (
     GAIN_METHOD,
     TEST_METRICS,
@@ -43,7 +43,7 @@ from lorahpo.stats import (
     paired_gain,
     spread,
 )
-from lorahpo.storage import display, experiment_dir, read_text, upload
+from lorahpo.storage import display, experiment_dir, read_text, trial_name, upload
 from lorahpo.trainable import score_test
 from lorahpo.tuner import FORWARDED_ENV, StorageWatch, trial_with_env
 
@@ -232,13 +232,13 @@ def score_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], grid
         result = results[(run["role"], run["index"])]
         checkpoint = result.get_best_checkpoint(cfg.train.metric, cfg.train.mode)
         run_cfg = apply_overrides(cfg, run["overrides"])
-        log = f"{path}/{trial_id(result)}/scoring.log"
+        log = f"{path}/{trial_name(result)}/scoring.log"
         refs.append(task.remote(run_cfg, data_ref, checkpoint, log, fs))
         m = result.metrics
         records.append(
             {
                 **{k: run[k] for k in ("role", "index", "seed")},
-                "trial_id": trial_id(result),
+                "trial_id": trial_name(result),
                 "epochs": int(m["epoch"]),
                 "best_epoch": int(m["best_epoch"]),
                 "stop_reason": "early_stop" if m.get("early_stopped") else "max_epochs",

@@ -36,8 +36,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from lorahpo.config import ExperimentConfig, tuning_metric
-from lorahpo.space import ask_new, child_seed, optuna_space
+from lorahpo.compat import park_trial
+from lorahpo.config import ExperimentConfig, direction, tuning_metric
+from lorahpo.space import ask_new, child_seed, make_sampler, optuna_space
+from lorahpo.storage import tag_number
 
 log = logging.getLogger(__name__)
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
@@ -131,17 +133,10 @@ def plan_batch(
     number order and the running ones; `points_to_evaluate` that fall in this batch come first. No config of an
     earlier trial or of this batch is planned again (`space.ask_new`)."""
     seed = child_seed(cfg.seed, k)  # the sampler seed of batch k: a fixed function of the root seed and k
-    if cfg.sweep.searcher == "tpe":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=cfg.sweep.n_startup_trials
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    direction = "maximize" if cfg.train.mode == "max" else "minimize"
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study per batch: no "new study created" line for each
     try:
-        study = optuna.create_study(direction=direction, sampler=sampler)
+        study = optuna.create_study(direction=direction(cfg), sampler=make_sampler(cfg, seed))
     finally:
         optuna.logging.set_verbosity(verbosity)
     space = optuna_space(cfg)
@@ -333,9 +328,8 @@ class OrderedScheduler(TrialScheduler):
         return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign, self.min_trials)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        tag_number = int(str(trial.experiment_tag).split("_")[0] or 0) - 1  # SearchGenerator's counter, 1-based
         live = trial.status not in (Trial.TERMINATED, Trial.ERROR)
-        self.searcher.confirm(trial.trial_id, dict(trial.config), tag_number, live)
+        self.searcher.confirm(trial.trial_id, dict(trial.config), tag_number(trial) - 1, live)
         # Tune names a trial's directory when it first starts it, and its closing status table (printed after
         # Ctrl-C too) fails on a queued trial without one (Trial.local_path raises): name it now.
         trial.init_local_path()
@@ -381,7 +375,7 @@ class OrderedScheduler(TrialScheduler):
         trials = sorted(tune_controller.get_trials(), key=lambda t: self.searcher.number(t.trial_id))
         for t in trials:
             if t.status == Trial.PENDING and t.trial_id not in self.admitted:
-                tune_controller._set_trial_status(t, Trial.PAUSED)  # whitelisted for schedulers
+                park_trial(tune_controller, t, Trial.PAUSED)
             elif t.status in (Trial.TERMINATED, Trial.ERROR):  # ended, whether or not the searcher was told
                 self.searcher.end(t.trial_id, failed=t.status == Trial.ERROR)
         runnable = []

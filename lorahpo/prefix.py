@@ -45,6 +45,7 @@ from lorahpo.errors import UserError
 from lorahpo.model import build_base, frozen_states
 from lorahpo.repro import seed_everything_everywhere
 from lorahpo.sources import DTYPES, cache_dir, weights_id
+from lorahpo.space import last_n_values
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # bump when the layout or the build changes: old disk caches are then ignored, not misread
@@ -86,16 +87,6 @@ class PrefixCache:
     arrays: dict[str, np.ndarray]
     directory: str | None = None
     build_s: float = 0.0
-
-
-def last_n_values(cfg: ExperimentConfig) -> list[int]:
-    """Every `lora.last_n` a trial of this sweep can run with: the config's, or the search space's values."""
-    spec = cfg.search.get("lora.last_n")
-    if spec is None:
-        return [cfg.lora.last_n]
-    if spec.type == "categorical":
-        return sorted({int(v) for v in spec.choices or ()})
-    return list(range(int(np.ceil(spec.low)), int(np.floor(spec.high)) + 1))
 
 
 def plan_prefix(cfg: ExperimentConfig, model_config: Any, data: TaskData) -> PrefixPlan | None:

@@ -6,7 +6,9 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -74,16 +76,31 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def cpuinfo() -> str | None:
+    """/proc/cpuinfo (Linux), or None where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def cpu_model() -> str:
     """The CPU's model name: floating-point results are identical only on the same hardware type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    found = re.search(r"^model name\s*:(.*)$", cpuinfo() or "", re.MULTILINE)
+    return found.group(1).strip() if found else platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 on this CPU (AVX512-BF16 or AMX); elsewhere torch emulates bf16, very slowly."""
+    flags = cpuinfo()
+    if flags is None:
+        return platform.machine().lower() in ("arm64", "aarch64")  # Apple silicon / Graviton have bf16 paths
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cuda_bf16() -> list[bool]:
+    """bf16 support of each GPU this process sees (Ampere or newer)."""
+    return [torch.cuda.get_device_capability(i)[0] >= 8 for i in range(torch.cuda.device_count())]
 
 
 def hardware() -> dict[str, Any]:

@@ -21,10 +21,18 @@ from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, config_from_yaml, plain, tuning_metric
+from lorahpo.config import (
+    VAL_METRICS,
+    ExperimentConfig,
+    apply_overrides,
+    config_from_yaml,
+    direction,
+    plain,
+    tuning_metric,
+)
 from lorahpo.data import read_parquet
 from lorahpo.space import distribution
-from lorahpo.storage import filesystem, read_bytes, read_text
+from lorahpo.storage import filesystem, read_bytes, read_text, trial_name, trial_number
 
 JOURNAL = "optuna_journal.log"  # the live study, in the experiment directory (optuna-dashboard reads it)
 # metrics.csv: one row per epoch, in this order.
@@ -39,12 +47,13 @@ def load_experiment(path: str, s3_endpoint: str | None = None) -> tuple[ResultGr
     """A finished or interrupted sweep, from its experiment directory alone, as a ResultGrid and a DataFrame
     (one row per trial; `results.parquet` when the sweep finished, else rebuilt from the trials' logs)."""
     inner, fs = filesystem(path, s3_endpoint)  # built like the sweep's own (timeouts, credential chain)
-    grid = ResultGrid(ExperimentAnalysis(inner, storage_filesystem=fs))
+    analysis = ExperimentAnalysis(inner, storage_filesystem=fs)
+    grid = ResultGrid(analysis)
     parquet = read_bytes(fs, f"{inner}/results.parquet")
     if parquet is not None:
         return grid, read_parquet(parquet, f"{path}/results.parquet")
     cfg = config_from_yaml(read_text(fs, f"{inner}/config.yaml") or "")  # written by the driver before any trial
-    return grid, trials_frame(grid, cfg, unfinished_trials(grid))
+    return grid, trials_frame(grid, cfg, unfinished_trials(analysis))
 
 
 def read_tables(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
@@ -79,20 +88,9 @@ def load_journal(path: str | Path) -> optuna.Study:
 # One row per trial
 
 
-def trial_id(result: tune.Result) -> str:
-    """A trial's directory name (`trial_<n>_<id>`, see tuner.trial_dirname): its id in every table."""
-    return Path(result.path).name
-
-
-def trial_number(name: str) -> int:
-    """n of a trial's name `trial_<n>_<id>` (zero-padded to three digits, so from trial 1,000 on names no longer sort
-    as numbers do: compare numbers, never names)."""
-    return int(name.split("_")[1])
-
-
 def ordered(results: Iterable[tune.Result]) -> list[tune.Result]:
     """Trials in creation order (directory names start with the searcher's counter)."""
-    return sorted(results, key=lambda r: trial_number(trial_id(r)))
+    return sorted(results, key=lambda r: trial_number(trial_name(r)))
 
 
 def history(result: tune.Result) -> pd.DataFrame:
@@ -101,10 +99,10 @@ def history(result: tune.Result) -> pd.DataFrame:
     return df if df is not None else pd.DataFrame()
 
 
-def unfinished_trials(grid: ResultGrid) -> set[str]:
-    """Trials of an interrupted sweep that had not ended (pending, running or paused when it stopped)."""
-    trials = grid._experiment_analysis.trials  # the statuses Tune recorded; a Result carries none
-    return {Path(t.path).name for t in trials if t.status not in ("TERMINATED", "ERROR")}
+def unfinished_trials(analysis: ExperimentAnalysis) -> set[str]:
+    """Trials of an interrupted sweep that had not ended (pending, running or paused when it stopped): the statuses
+    Tune recorded, which the experiment's analysis holds (a Result carries none)."""
+    return {Path(t.path).name for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")}
 
 
 def error_line(error: BaseException) -> str:
@@ -141,14 +139,14 @@ def trials_frame(
         best = r.get_best_checkpoint(cfg.train.metric, cfg.train.mode) if r.best_checkpoints else None
         rows.append(
             {
-                "trial_id": trial_id(r),
+                "trial_id": trial_name(r),
                 **{f"param.{k}": v for k, v in r.config.items()},
                 metric: m.get(metric, math.nan),
                 "best_epoch": m.get("best_epoch"),
                 **{f"best_epoch_{k}": at_best.get(k, math.nan) for k in VAL_METRICS},
                 **{f"last_{k}": m.get(k, math.nan) for k in VAL_METRICS},
                 "epochs": epochs,
-                "stop_reason": stop_reason(cfg, m, r.error is not None, trial_id(r) in unfinished),
+                "stop_reason": stop_reason(cfg, m, r.error is not None, trial_name(r) in unfinished),
                 "wall_time_s": m.get("time_total_s", math.nan),
                 "trainable_params": m.get("trainable_params"),
                 "checkpoint": best.path if best is not None else None,
@@ -180,7 +178,7 @@ def row_config(cfg: ExperimentConfig, row: pd.Series) -> ExperimentConfig:
 
 def best_checkpoint(grid: ResultGrid, trial: str, cfg: ExperimentConfig) -> tune.Checkpoint:
     """The checkpoint of a trial's best epoch (by the per-epoch metric)."""
-    result = next(r for r in grid if trial_id(r) == trial)
+    result = next(r for r in grid if trial_name(r) == trial)
     return result.get_best_checkpoint(cfg.train.metric, cfg.train.mode)
 
 
@@ -206,9 +204,7 @@ def optuna_study(results: Iterable[tune.Result], cfg: ExperimentConfig) -> optun
     """Every trial as an Optuna trial (params, value = tuning metric, one intermediate value per epoch), so the
     predecessor's `pickle.load(...).best_trial` snippet and Optuna's plots work. The live journal
     (tracking.LiveStudy) builds the same trials from the same helpers while the sweep runs."""
-    study = optuna.create_study(
-        study_name=cfg.sweep.name, direction="maximize" if cfg.train.mode == "max" else "minimize"
-    )
+    study = optuna.create_study(study_name=cfg.sweep.name, direction=direction(cfg))
     for r in ordered(results):
         hist = history(r)
         params, dists = study_params(cfg, r.config)
@@ -221,7 +217,7 @@ def optuna_study(results: Iterable[tune.Result], cfg: ExperimentConfig) -> optun
                 value=value,
                 state=state,
                 intermediate_values=inter,
-                user_attrs={"trial_id": trial_id(r), **attrs},
+                user_attrs={"trial_id": trial_name(r), **attrs},
             )
         )
     return study
@@ -265,8 +261,10 @@ def write_tables(cfg: ExperimentConfig, grid: ResultGrid, out: Path) -> tuple[pd
     df.to_parquet(out / "results.parquet", index=False)
     for r in ordered(grid):
         hist = history(r)
-        (out / "trials" / trial_id(r)).mkdir(parents=True)
-        hist[[c for c in EPOCH_COLUMNS if c in hist]].to_csv(out / "trials" / trial_id(r) / "metrics.csv", index=False)
+        (out / "trials" / trial_name(r)).mkdir(parents=True)
+        hist[[c for c in EPOCH_COLUMNS if c in hist]].to_csv(
+            out / "trials" / trial_name(r) / "metrics.csv", index=False
+        )
     study = optuna_study(grid, cfg)
     with open(out / "optuna_res.pkl", "wb") as f:
         pickle.dump(study, f)
@@ -276,7 +274,8 @@ def write_tables(cfg: ExperimentConfig, grid: ResultGrid, out: Path) -> tuple[pd
 def write_journal(study: optuna.Study, path: Path) -> None:
     """The study as Optuna's JSON-lines journal: safe to share and load (unlike a pickle); see `load_journal`."""
     storage = JournalStorage(JournalFileBackend(str(path)))
-    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=storage)
+    copy = optuna.create_study(storage=storage, study_name=study.study_name, directions=study.directions)
+    copy.add_trials(study.trials)  # what optuna.copy_study does, from the study alone (its storage is not public)
 
 
 def make_summary(

@@ -1,14 +1,20 @@
-"""The search space (YAML, keyed by dotted config path) as Optuna distributions: what the searcher samples from and
-what the study records."""
+"""The search space (YAML, keyed by dotted config path) and how configs are drawn from it: Optuna distributions (what
+the searchers sample from and the study records), the seeded sampler, `ask_new` (no config twice), and
+`DistinctSearch`, the asynchronous sweep's searcher (the deterministic one is lorahpo.ordered's)."""
 
 from __future__ import annotations
 
+import logging
+import pickle
 from typing import Any
 
 import numpy as np
 import optuna
+from ray.tune.search import Searcher
 
-from lorahpo.config import ExperimentConfig, ParamSpec
+from lorahpo.config import ExperimentConfig, ParamSpec, direction, tuning_metric
+
+log = logging.getLogger(__name__)
 
 
 def distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:
@@ -22,6 +28,31 @@ def distribution(spec: ParamSpec) -> optuna.distributions.BaseDistribution:
 def optuna_space(cfg: ExperimentConfig) -> dict[str, optuna.distributions.BaseDistribution]:
     """Search space keyed by dotted config path (what each trial overrides)."""
     return {key: distribution(spec) for key, spec in cfg.search.items()}
+
+
+def space_ends(spec: ParamSpec) -> list[Any]:
+    """The values of a search-space entry that bound what a trial can draw: every choice, or both ends of a range."""
+    if spec.type == "categorical":
+        return list(spec.choices or ())
+    cast = int if spec.type == "int" else float
+    return [cast(spec.low), cast(spec.high)]
+
+
+def last_n_values(cfg: ExperimentConfig) -> list[int]:
+    """Every `lora.last_n` a trial of this sweep can run with: the config's, or the search space's values."""
+    spec = cfg.search.get("lora.last_n")
+    if spec is None:
+        return [cfg.lora.last_n]
+    if spec.type == "categorical":
+        return sorted({int(v) for v in spec.choices or ()})
+    return list(range(int(np.ceil(spec.low)), int(np.floor(spec.high)) + 1))
+
+
+def make_sampler(cfg: ExperimentConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """`sweep.searcher`'s sampler, seeded: TPE (random for its first `sweep.n_startup_trials` trials) or random."""
+    if cfg.sweep.searcher == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sweep.n_startup_trials)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def child_seed(seed: int, n: int) -> int:
@@ -68,3 +99,51 @@ def ask_new(
         finally:
             study.sampler = own
     return trial or study.ask(fixed_distributions=space)
+
+
+class DistinctSearch(Searcher):
+    """The asynchronous sweep's searcher: one Optuna study with the seeded sampler, asked for each new trial through
+    `ask_new` (no config an earlier trial has) and told each result as it arrives, as Ray's OptunaSearch does (the
+    same study, asks and tells, so the same configs from the same seed): the running best per epoch as an
+    intermediate value, the last one as the trial's value (FAIL for an error, PRUNED for no value); the
+    `sweep.points_to_evaluate` first."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(metric=tuning_metric(cfg), mode=cfg.train.mode)
+        self.space, self.seed = optuna_space(cfg), cfg.seed
+        self.study = optuna.create_study(
+            sampler=make_sampler(cfg, cfg.seed), pruner=optuna.pruners.NopPruner(), direction=direction(cfg)
+        )
+        for point in cfg.sweep.points_to_evaluate:
+            self.study.enqueue_trial(dict(point))  # a partial point: the sampler fills in the rest
+        self.trials: dict[str, optuna.trial.Trial] = {}
+        self.completed: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        if trial_id not in self.trials:
+            self.trials[trial_id] = ask_new(self.study, self.space, self.seed)
+        return self.trials[trial_id].params
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id not in self.completed:
+            self.trials[trial_id].report(result[self.metric], result["training_iteration"])
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self.completed:
+            return
+        value = result.get(self.metric) if result else None
+        states = optuna.trial.TrialState
+        state = states.COMPLETE if value is not None else states.FAIL if error else states.PRUNED
+        try:
+            self.study.tell(self.trials[trial_id], value, state=state)
+        except Exception as e:  # as OptunaSearch: a value Optuna refuses is said, not raised mid-sweep
+            log.warning("the searcher was not told %s: %s", trial_id, e)
+        self.completed.add(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))

@@ -90,6 +90,29 @@ def display(cfg: ExperimentConfig, experiment: bool = False) -> str:
     return location(cfg, experiment) + (f" (endpoint {cfg.sweep.s3_endpoint})" if cfg.sweep.s3_endpoint else "")
 
 
+def tag_number(trial: Any) -> int:
+    """The searcher's counter in a Tune trial's experiment tag (`<n>_<params>`, 1-based, restored on resume)."""
+    return int(str(trial.experiment_tag).split("_")[0] or 0)
+
+
+def trial_dirname(trial: Any) -> str:
+    """A sweep trial's name and directory, `trial_<n>_<id>`: n is the searcher's suggestion order (`tag_number`), so
+    directory names sort in creation order; the params are in params.json and results.parquet."""
+    return f"trial_{tag_number(trial):03d}_{trial.trial_id}"
+
+
+def trial_name(trial: Any) -> str:
+    """The name of a Tune Trial or Result (its directory's: `trial_<n>_<id>`, see `trial_dirname`): its id in every
+    table, study and tracker."""
+    return Path(trial.path).name
+
+
+def trial_number(name: str) -> int:
+    """n of a trial's name `trial_<n>_<id>` (zero-padded to three digits, so from trial 1,000 on names no longer sort
+    as numbers do: compare numbers, never names)."""
+    return int(name.split("_")[1])
+
+
 def exists(fs: pyarrow.fs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 

@@ -40,11 +40,9 @@ from lorahpo.checks import (
     check_points,
     check_resources,
     check_same_data,
-    cpu_has_bf16,
-    cuda_bf16,
     local_nodes,
 )
-from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, config_yaml, to_dict
+from lorahpo.config import METRICS, ExperimentConfig, config_yaml, to_dict
 from lorahpo.data import TaskData, load_task, read_parquet, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
@@ -52,14 +50,12 @@ from lorahpo.final import describe as describe_final
 from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
 from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
-from lorahpo.repro import git_state, hardware, manifest, versions
+from lorahpo.repro import cpu_has_bf16, cuda_bf16, git_state, hardware, manifest, versions
 from lorahpo.results import (
     best_checkpoint,
     best_row,
-    load_experiment,
     make_summary,
     row_config,
-    trial_id,
     write_summary,
     write_tables,
 )
@@ -73,11 +69,12 @@ from lorahpo.storage import (
     read_bytes,
     read_json,
     storage_failure,
+    trial_name,
     upload,
     upload_dir,
 )
 from lorahpo.tracking import check_loggers, finish_journal, log_summary
-from lorahpo.trainable import score_and_export, score_test
+from lorahpo.trainable import score_and_export
 from lorahpo.tuner import describe, forwarded_env, make_tuner, restore_tuner
 
 log = logging.getLogger(__name__)
@@ -258,7 +255,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
             (out / "test_predictions.csv").write_text(predictions_table(data, scored["test_predictions"]))
         cache_info = (meta.get("resumes") or [{}])[-1].get("prefix_cache") or meta.get("prefix_cache")
         if cache_info:
-            result = next(r for r in grid if trial_id(r) == best["trial_id"])
+            result = next(r for r in grid if trial_name(r) == best["trial_id"])
             cached = next(m for c, m in result.best_checkpoints if c.path == ckpt.path)  # that checkpoint's report
             summary["prefix_cache"] = {**cache_info, **cache_check(cached, scored["val"], cache_info)}
         write_summary(summary, cfg, out)
@@ -357,33 +354,9 @@ def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], addre
     try:
         check_cluster(cfg)
         with hold(cfg, "--final"), storage_errors(cfg):  # storage gone while the runs train or results are written
-            summary = read_json(fs, f"{exp}/summary.json")
-            if "test_ci95" not in summary and summary["test"]:  # a sweep finished before test intervals existed
-                summary = rescore_best(cfg, data, summary)
-            return final(cfg, data, plan, summary)
+            return final(cfg, data, plan, read_json(fs, f"{exp}/summary.json"))
     finally:
         ray.shutdown()
-
-
-def rescore_best(cfg: ExperimentConfig, data: TaskData, summary: dict[str, Any]) -> dict[str, Any]:
-    """The per-example test predictions of the sweep's best checkpoint, for a sweep that did not keep them: scored
-    again (the same checkpoint gives the same scores), then the interval and the val-test gap added to the summary."""
-    exp, fs = experiment_dir(cfg)
-    grid, df = load_experiment(location(cfg, experiment=True), cfg.sweep.s3_endpoint)
-    best = df[df["trial_id"] == summary["best_trial"]].iloc[0]
-    task = ray.remote(score_test).options(
-        num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
-    )
-    ckpt = best_checkpoint(grid, summary["best_trial"], cfg)
-    scored = ray.get(task.remote(apply_overrides(cfg, summary["best_params"]), data, ckpt, f"{exp}/rescoring.log", fs))
-    recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}
-    upload({"test_predictions.csv": predictions_table(data, scored["test_predictions"])}, exp, fs)
-    return {**summary, **best_statistics(cfg, data, recorded, summary_test(summary), scored["test_predictions"])}
-
-
-def summary_test(summary: dict[str, Any]) -> dict[str, float]:
-    """The best checkpoint's test metrics as the summary records them ({"accuracy": ...})."""
-    return {k.removeprefix("test_"): v for k, v in summary["test"].items()}
 
 
 def _now() -> str:

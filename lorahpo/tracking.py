@@ -8,6 +8,7 @@ sweep-level runs."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -23,14 +24,13 @@ import pyarrow.fs
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
-from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback, TBXLoggerCallback
 from ray.tune.utils import flatten_dict
 
-from lorahpo.config import ExperimentConfig
+from lorahpo.config import ExperimentConfig, direction
 from lorahpo.errors import UserError
 from lorahpo.results import JOURNAL, load_journal, study_differences, study_params, trial_outcome, write_journal
-from lorahpo.storage import experiment_dir, location, read_bytes, write_bytes
+from lorahpo.storage import experiment_dir, location, read_bytes, trial_name, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def tracker_callbacks(cfg: ExperimentConfig) -> list[tune.Callback]:
     if "mlflow" in cfg.sweep.loggers:
         callbacks.append(MLflowSweep(cfg))
     if "wandb" in cfg.sweep.loggers:
-        callbacks.append(wandb_callback(cfg))
+        callbacks.append(WandbSweep(cfg))
     return callbacks
 
 
@@ -73,11 +73,6 @@ def ray_default_loggers(cfg: ExperimentConfig) -> None:
     TensorBoard on, tracker_callbacks passes Ray's TensorBoard logger and Ray adds the other two; with it off, the
     variable keeps Ray's out and tracker_callbacks passes CSV and JSON. Set either way: it lives in the process."""
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if "tensorboard" in cfg.sweep.loggers else "1"
-
-
-def trial_key(trial: Any) -> str:
-    """A trial's directory name (`trial_<n>_<id>`): the `trial_id` of every table and of the study."""
-    return Path(trial.path).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,9 +124,8 @@ class LiveStudy(tune.Callback):
             if earlier is not None:  # a resumed sweep continues the bucket's journal
                 self.path.write_bytes(earlier)
         self.storage = JournalStorage(JournalFileBackend(str(self.path)))
-        direction = "maximize" if self.cfg.train.mode == "max" else "minimize"
         name = self.cfg.sweep.name
-        optuna.create_study(storage=self.storage, study_name=name, direction=direction, load_if_exists=True)
+        optuna.create_study(storage=self.storage, study_name=name, direction=direction(self.cfg), load_if_exists=True)
         self.study_id = self.storage.get_study_id_from_name(name)
         self.ids: dict[str, int] = {}
         self.done: set[str] = set()
@@ -144,7 +138,7 @@ class LiveStudy(tune.Callback):
         self.reconciled = False
 
     def _trial(self, trial: Any) -> int:
-        key = trial_key(trial)
+        key = trial_name(trial)
         if key not in self.ids:
             params, dists = study_params(self.cfg, trial.config)
             template = optuna.trial.create_trial(
@@ -155,19 +149,19 @@ class LiveStudy(tune.Callback):
 
     @_observer
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial_key(trial) not in self.done:  # a retried or resumed trial keeps its Optuna trial
+        if trial_name(trial) not in self.done:  # a retried or resumed trial keeps its Optuna trial
             self._trial(trial)
 
     @_observer
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if trial_key(trial) in self.done or self.cfg.train.metric not in result:
+        if trial_name(trial) in self.done or self.cfg.train.metric not in result:
             return
         tid = self._trial(trial)
         self.storage.set_trial_intermediate_value(tid, int(result["epoch"]), float(result[self.cfg.train.metric]))
         self.storage.set_trial_user_attr(tid, "epochs", int(result["epoch"]))
 
     def _finish(self, trial: Any, errored: bool) -> None:
-        key = trial_key(trial)
+        key = trial_name(trial)
         if key in self.done:
             return
         tid = self._trial(trial)
@@ -194,7 +188,7 @@ class LiveStudy(tune.Callback):
         if self.reconciled:
             return
         self.reconciled = True
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") and trial_key(t) not in self.done]
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") and trial_name(t) not in self.done]
         for trial in ended:
             result = trial.last_result or {}
             if self.cfg.train.metric in result and "epoch" in result:
@@ -240,42 +234,53 @@ def finish_journal(cfg: ExperimentConfig, study: optuna.Study, out: Path) -> Non
 # MLflow and W&B
 
 
-class MLflowSweep(MLflowLoggerCallback):
-    """Ray's MLflow logger (experiment = sweep.name; MLFLOW_TRACKING_URI and MLflow's own token variables honoured,
-    never stored) with every trial's run nested under one run for the sweep, which `log_summary` finishes with the
-    best params and the test score. A resumed sweep keeps its sweep run and each trial's run (Tune's callback
-    state)."""
+def chartable(result: dict[str, Any]) -> dict[str, float]:
+    """A report's values as numbers, flattened (`a/b`): those `float()` takes; the others are not charted."""
+    out = {}
+    for key, value in flatten_dict(result).items():
+        with contextlib.suppress(TypeError, ValueError):
+            out[key] = float(value)
+    return out
+
+
+class MLflowSweep(LoggerCallback):
+    """One MLflow run per trial (experiment = sweep.name; MLFLOW_TRACKING_URI and MLflow's own token variables
+    honoured, never stored), each nested under one run for the sweep, which `log_summary` finishes with the best
+    params and the test score. A trial's params are logged when it starts, its metrics once per report (one batch:
+    metric by metric costs a second per epoch on a SQLite store). A resumed sweep keeps its sweep run and each trial's
+    run (Tune's callback state)."""
 
     def __init__(self, cfg: ExperimentConfig):
-        super().__init__(experiment_name=cfg.sweep.name)
-        self.where = location(cfg, experiment=True)
+        self.name, self.where = cfg.sweep.name, location(cfg, experiment=True)
         self.parent: str | None = None
         self.runs: dict[str, str] = {}  # trial_id -> MLflow run id, restored on resume
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
-        super().setup(*args, **kwargs)
+        client = mlflow_client()
+        known = client.get_experiment_by_name(self.name)
+        self.experiment = known.experiment_id if known else client.create_experiment(self.name)
         if self.parent is None:
-            run = self.mlflow_util.start_run(run_name=Path(self.where).name, tags=self._sweep_tags())
-            self.parent = run.info.run_id
-        self.tags = {"mlflow.parentRunId": self.parent, "lorahpo.experiment": self.where}
-
-    def _sweep_tags(self) -> dict[str, str]:
-        return {"lorahpo.experiment": self.where, "lorahpo.role": "sweep"}
+            tags = {"lorahpo.experiment": self.where, "lorahpo.role": "sweep"}
+            self.parent = client.create_run(self.experiment, run_name=Path(self.where).name, tags=tags).info.run_id
 
     def log_trial_start(self, trial: Any) -> None:
-        if trial not in self._trial_runs and trial_key(trial) in self.runs:  # resumed: continue the trial's run
-            self._trial_runs[trial] = self.runs[trial_key(trial)]
-        super().log_trial_start(trial)
-        self.runs[trial_key(trial)] = self._trial_runs[trial]
+        from mlflow.entities import Param  # optional dependency (lorahpo[mlflow]): checked by check_loggers
+
+        client, key = mlflow_client(), trial_name(trial)
+        if key not in self.runs:  # a resumed trial continues its run
+            tags = {"mlflow.parentRunId": self.parent, "lorahpo.experiment": self.where, "trial_name": str(trial)}
+            self.runs[key] = client.create_run(self.experiment, run_name=str(trial), tags=tags).info.run_id
+        client.log_batch(self.runs[key], params=[Param(k, str(v)) for k, v in flatten_dict(trial.config).items()])
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        """One batch per report (Ray logs metric by metric: a second per epoch on a SQLite store)."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional dependency (lorahpo[mlflow]): checked by check_loggers
 
         step, now = int(result.get("training_iteration", iteration)), int(time.time() * 1000)
-        values = self.mlflow_util._parse_dict(flatten_dict(result))
-        metrics = [Metric(k, v, now, step) for k, v in values.items()]
-        self.mlflow_util._get_client().log_batch(self._trial_runs[trial], metrics=metrics)
+        metrics = [Metric(k, v, now, step) for k, v in chartable(result).items()]
+        mlflow_client().log_batch(self.runs[trial_name(trial)], metrics=metrics)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        mlflow_client().set_terminated(self.runs[trial_name(trial)], "FAILED" if failed else "FINISHED")
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self.parent, "runs": dict(self.runs)}
@@ -284,33 +289,45 @@ class MLflowSweep(MLflowLoggerCallback):
         self.parent, self.runs = state["parent"], state["runs"]
 
 
-def wandb_callback(cfg: ExperimentConfig) -> tune.Callback:
-    """Ray's W&B logger: one run per trial, grouped under the sweep's name; WANDB_PROJECT (default `lorahpo`),
-    WANDB_MODE=offline, WANDB_DIR, and the API key from W&B's own login or WANDB_API_KEY (never stored)."""
-    import ray
-    from ray.air.integrations.wandb import WandbLoggerCallback, _force_on_current_node, _WandbLoggingActor
+def mlflow_client() -> Any:
+    """MLflow's client for MLFLOW_TRACKING_URI (it keeps one store per URI: cheap to make per call)."""
+    import mlflow  # optional dependency (lorahpo[mlflow]): checked by check_loggers
 
-    class QuietActor(_WandbLoggingActor):
-        """A trial's W&B process: the API key arrives as a constructor argument (Ray's object store), and W&B is
-        silent (its run history and sync hints would fill the driver's console; the run files hold them)."""
+    return mlflow.MlflowClient()
 
-        def __init__(self, *args: Any, env: dict[str, str], **kwargs: Any):
-            os.environ.update({"WANDB_SILENT": "true", **env})
-            super().__init__(*args, **kwargs)
 
-    class WandbSweep(WandbLoggerCallback):
-        _logger_actor_cls = QuietActor
+def wandb_run(group: str, **kwargs: Any) -> Any:
+    """A new W&B run in the sweep's group, in WANDB_PROJECT (W&B's own variable; Ray's reads WANDB_PROJECT_NAME), else
+    `lorahpo`: silent and without capturing the driver's console (the run's files hold what W&B would print)."""
+    import wandb  # optional dependency (lorahpo[wandb]): checked by check_loggers
 
-        def _start_logging_actor(self, trial: Any, exclude_results: list[str], **kwargs: Any) -> None:
-            if not self._remote_logger_class:
-                # Ray's own puts WANDB_API_KEY in a runtime_env, which Ray's runtime-env agent writes into its log,
-                # and asks for restarts its core worker warns about on the console, once per trial
-                self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node())(QuietActor)
-            env = {"WANDB_API_KEY": os.environ["WANDB_API_KEY"]} if os.environ.get("WANDB_API_KEY") else {}
-            super()._start_logging_actor(trial, exclude_results, env=env, **kwargs)
+    settings = wandb.Settings(silent=True, console="off")
+    project = os.environ.get("WANDB_PROJECT") or "lorahpo"
+    return wandb.init(project=project, group=group, reinit="create_new", resume="allow", settings=settings, **kwargs)
 
-    project = os.environ.get("WANDB_PROJECT") or "lorahpo"  # W&B's variable (Ray's own reads WANDB_PROJECT_NAME)
-    return WandbSweep(project=project, group=cfg.sweep.name, job_type="trial", reinit="finish_previous")
+
+class WandbSweep(LoggerCallback):
+    """One W&B run per trial (`wandb_run`; its id is Tune's trial id, so a resumed trial continues its run), grouped
+    under the sweep's name; WANDB_MODE=offline, WANDB_DIR, and the API key from W&B's own login or WANDB_API_KEY (never
+    stored). The runs live in the driver's process."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.group = cfg.sweep.name
+        self.runs: dict[str, Any] = {}  # trial_id -> open run
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into the experiment (tuner.pkl): no open runs
+        return {"group": self.group, "runs": {}}
+
+    def log_trial_start(self, trial: Any) -> None:
+        if trial.trial_id not in self.runs:  # not again when a paused trial goes on
+            run = wandb_run(self.group, job_type="trial", id=trial.trial_id, name=str(trial), config=trial.config)
+            self.runs[trial.trial_id] = run
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        self.runs[trial.trial_id].log(chartable(result))
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        self.runs.pop(trial.trial_id).finish(exit_code=int(failed))
 
 
 def log_summary(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
@@ -319,7 +336,7 @@ def log_summary(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
     flat = {f"best.{k}": v for k, v in summary["best_params"].items()}
     metrics = {"best_value": summary["best_value"], **summary["test"]}
     if "mlflow" in cfg.sweep.loggers:
-        import mlflow
+        import mlflow  # optional dependency (lorahpo[mlflow]): checked by check_loggers
 
         where = location(cfg, experiment=True)
         runs = mlflow.search_runs(
@@ -331,7 +348,7 @@ def log_summary(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
             output_format="list",
         )
         if runs:
-            client = mlflow.MlflowClient()
+            client = mlflow_client()
             run_id = runs[0].info.run_id
             for k, v in {**flat, "best_trial": summary["best_trial"]}.items():
                 client.log_param(run_id, k, v)
@@ -339,11 +356,7 @@ def log_summary(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
                 client.log_metric(run_id, k, float(v))
             client.set_terminated(run_id, "FINISHED")
     if "wandb" in cfg.sweep.loggers:
-        import wandb
-
-        project = os.environ.get("WANDB_PROJECT") or "lorahpo"
-        run = wandb.init(project=project, group=cfg.sweep.name, job_type="summary", name=f"{cfg.sweep.name}-summary",
-                         config={**flat, "best_trial": summary["best_trial"]}, reinit="create_new",
-                         settings=wandb.Settings(silent=True))  # fmt: skip
+        config = {**flat, "best_trial": summary["best_trial"]}
+        run = wandb_run(cfg.sweep.name, job_type="summary", name=f"{cfg.sweep.name}-summary", config=config)
         run.summary.update(metrics)
         run.finish()

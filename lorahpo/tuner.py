@@ -4,67 +4,32 @@ trainable with its resources, callbacks, and the Tuner, new or restored."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import optuna
 import pyarrow.fs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
+from lorahpo.compat import restored_tune_config
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
-from lorahpo.results import trial_number
-from lorahpo.space import ask_new, optuna_space
-from lorahpo.storage import display, experiment_dir, storage, storage_failure
+from lorahpo.space import DistinctSearch
+from lorahpo.storage import display, experiment_dir, storage, storage_failure, trial_dirname
 from lorahpo.tracking import ray_default_loggers, tracker_callbacks
 from lorahpo.trainable import tune_trial
 
 log = logging.getLogger(__name__)
 
 
-class DistinctOptunaSearch(OptunaSearch):
-    """OptunaSearch that suggests no config an earlier trial has (`space.ask_new`): the asynchronous sweep's searcher
-    skips repeats as the deterministic one does. `seed` seeds its random draws after repeats."""
-
-    def __init__(self, seed: int, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.seed = seed
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if trial_id not in self._ot_trials:
-            # the trial OptunaSearch.suggest then returns (it asks only for a trial id it has no trial for)
-            self._ot_trials[trial_id] = ask_new(self._ot_study, self._space, self.seed)
-        return super().suggest(trial_id)
-
-
 def make_searcher(cfg: ExperimentConfig) -> Searcher:
-    """Deterministic: the batch searcher (seeded TPE or random per batch). Asynchronous: OptunaSearch with a seeded
-    sampler, TPE or random search (same machinery, for fair comparisons)."""
-    if cfg.sweep.deterministic:
-        return BatchSearcher(cfg)
-    if cfg.sweep.searcher == "tpe":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-            seed=cfg.seed, n_startup_trials=cfg.sweep.n_startup_trials
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
-    points = [dict(p) for p in cfg.sweep.points_to_evaluate] or None  # partial points: Optuna samples the rest
-    return DistinctOptunaSearch(
-        seed=cfg.seed,
-        space=optuna_space(cfg),
-        metric=tuning_metric(cfg),
-        mode=cfg.train.mode,
-        sampler=sampler,
-        points_to_evaluate=points,
-    )
+    """Deterministic: the batch searcher (lorahpo.ordered). Asynchronous: `space.DistinctSearch`. Both draw from the
+    same seeded TPE or random sampler, for fair comparisons."""
+    return BatchSearcher(cfg) if cfg.sweep.deterministic else DistinctSearch(cfg)
 
 
 def make_scheduler(cfg: ExperimentConfig, searcher: Searcher | None = None) -> TrialScheduler:
@@ -85,38 +50,10 @@ def make_scheduler(cfg: ExperimentConfig, searcher: Searcher | None = None) -> T
     return FIFOScheduler()
 
 
-def trial_dirname(trial: Any) -> str:
-    """`trial_<n>_<id>`: n is the searcher's suggestion order (its experiment_tag counter, restored on resume), so
-    directory names sort in creation order; the params are in params.json and results.parquet."""
-    index = int(str(trial.experiment_tag).split("_")[0] or 0)
-    return f"trial_{index:03d}_{trial.trial_id}"
-
-
 # Secrets a trial needs and no node has: the driver forwards them from its own environment through Ray's object store
 # (a runtime_env would show them in the dashboard; nothing here is written to storage). On a cluster this is how trials
 # on every node reach gated weights with the HF_TOKEN handed to the driver at launch (see cluster.yaml).
 FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-
-
-# Tests only: {"<n>": [first, later]}: trial_<n>_* waits `first` before it starts and `later` before it resumes from a
-# checkpoint (after a pause or a failure), each a number of seconds or the path of a file the test creates when the
-# trial may go on; it logs its pid. This reorders when trials report and opens a window in which to kill a trial's
-# worker; a deterministic sweep must give the same trials all the same (tests/test_sweep.py).
-TEST_DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"
-
-
-def injected_wait(trial_dir: str, resuming: bool) -> None:
-    delays = json.loads(os.environ.get(TEST_DELAYS_ENV) or "{}")
-    wait = delays.get(str(trial_number(os.path.basename(trial_dir))), (0, 0))[1 if resuming else 0]
-    if not wait:
-        return
-    log.warning("test delay: %s waits for %s in pid %d", os.path.basename(trial_dir), wait, os.getpid())
-    if isinstance(wait, str):
-        deadline = time.monotonic() + 600  # a test that died creates nothing: go on eventually
-        while not os.path.exists(wait) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    else:
-        time.sleep(wait)
 
 
 def forwarded_env() -> dict[str, str]:
@@ -127,8 +64,6 @@ def trial_with_env(
     params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str], prefix: Any = None
 ) -> None:
     os.environ.update(env)  # before the trial loads a model
-    if os.environ.get(TEST_DELAYS_ENV):
-        injected_wait(tune.get_context().get_trial_dir(), resuming=tune.get_checkpoint() is not None)
     tune_trial(params, base, data, prefix)
 
 
@@ -197,6 +132,7 @@ def make_tuner(
         # Deterministic: Tune hands this to the BatchSearcher, whose scheduler admits trials itself (see ordered.py)
         max_concurrent_trials=cfg.sweep.max_concurrent_trials,
         trial_dirname_creator=trial_dirname,
+        trial_name_creator=trial_dirname,  # the console's table names trials as every file does
         # One worker process serves trial after trial (a new one costs ~7 s of imports per trial: bench/overhead.py).
         # Safe because each trial seeds everything, sets its thread count and builds its model anew; a killed or
         # failed worker is still replaced by a fresh one.
@@ -216,12 +152,6 @@ def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> 
     if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
         restored_tune_config(tuner).max_concurrent_trials = cfg.sweep.max_concurrent_trials
     return tuner
-
-
-def restored_tune_config(tuner: tune.Tuner) -> tune.TuneConfig:
-    """The TuneConfig a restored Tuner runs with: the one pickled when the sweep started (Tune has no public way to
-    change it on restore; tests/test_tuner.py checks this attribute path still holds it)."""
-    return tuner._local_tuner._tune_config
 
 
 def describe(cfg: ExperimentConfig) -> dict[str, Any]:

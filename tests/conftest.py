@@ -148,7 +148,15 @@ DET_SWEEP = {
     "train.num_threads": 1,
     "sweep.cpus_per_trial": 0.5,
 }
-DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"  # see lorahpo.tuner.test_delay
+DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"  # see tests/worker_hooks/sitecustomize.py
+WORKER_HOOKS = ROOT / "tests" / "worker_hooks"
+
+
+def hooked(**variables: str) -> dict[str, str]:
+    """The environment of a CLI run whose driver and Ray workers load tests/worker_hooks/sitecustomize.py (the test-only
+    hooks into a sweep), with the hooks' variables."""
+    path = [str(WORKER_HOOKS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), **variables}
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +210,7 @@ def first_report_times(exp: Path) -> dict[int, float]:
 
 
 def release_in_order(exp: Path, gates: dict[int, tuple[Path, list[int]]], timeout: float = 300) -> None:
-    """Create each gate file (trial n waits for it, see lorahpo.tuner.TEST_DELAYS_ENV) once the trials listed with
+    """Create each gate file (trial n waits for it, see tests/worker_hooks/sitecustomize.py) once the trials listed with
     it have reported their first epoch."""
     pending = dict(gates)
     deadline = time.monotonic() + timeout

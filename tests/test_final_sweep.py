@@ -126,11 +126,6 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
     # run has finished and is in Tune's state (saved at every step here, not every 10 s); --final again continues the
     # runs (the finished one is not trained again) and gives the same block as in-sweep
     shutil.move(exp / "final_seeds2", tmp_path / "in_sweep_runs")
-    # ... and as a sweep finished before intervals existed: no test predictions, no interval, no gap in its summary
-    kept = (exp / "test_predictions.csv").read_text()
-    (exp / "test_predictions.csv").unlink()
-    old = {k: summary.pop(k) for k in ("test_ci95", "test_ci95_method", "val_test_gap", "final", "final_run")}
-    (exp / "summary.json").write_text(json.dumps(summary))
     proc = cli_background(args, tmp_path / "final.log", env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
     procs.append(proc)
     later = exp / "final_seeds2"
@@ -156,8 +151,3 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
     rerun = strict_json(exp / "summary.json")
     assert rerun["final"] == final
     assert len(json.loads((exp / "manifest.json").read_text())["finals"]) == 2
-    # the best checkpoint scored again: the same predictions, interval and gap as in the sweep
-    assert (exp / "test_predictions.csv").read_text() == kept
-    assert {k: rerun[k] for k in ("test_ci95", "test_ci95_method", "val_test_gap")} == {
-        k: old[k] for k in ("test_ci95", "test_ci95_method", "val_test_gap")
-    }

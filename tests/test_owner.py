@@ -24,7 +24,7 @@ import pytest
 import tune_lora
 from lorahpo.config import config_yaml
 
-from .conftest import DELAYS_ENV, cli, cli_background, tiny_args, tiny_config, wait_for
+from .conftest import DELAYS_ENV, cli, cli_background, hooked, tiny_args, tiny_config, wait_for
 
 MARKER = json.dumps({"name": "s", "created": "2026-01-01T00:00:00+00:00", "host": "h", "pid": 1})
 SMALL = {"sweep.num_samples": 1, "train.max_epochs": 1, "data.max_examples": 200}
@@ -367,7 +367,7 @@ def test_a_live_driver_keeps_its_sweep(tmp_path: Path, procs: list, capsys: pyte
     running one: each refused with one line naming it; the first finishes normally, its results intact."""
     gate = tmp_path / "go"
     args = tiny_args(tmp_path, **SMALL, **{"sweep.name": "live"})
-    env = {DELAYS_ENV: json.dumps({"1": [str(gate), 0]}), **HELD_ENV}
+    env = hooked(**{DELAYS_ENV: json.dumps({"1": [str(gate), 0]})}, **HELD_ENV)
     log = tmp_path / "driver.log"
     proc = cli_background(args, log, env=env)
     procs.append(proc)
@@ -396,7 +396,7 @@ def test_a_live_driver_keeps_its_sweep(tmp_path: Path, procs: list, capsys: pyte
 def test_a_killed_drivers_sweep_resumes(tmp_path: Path, procs: list) -> None:
     """SIGKILL leaves an owner record that was never released; on its machine the dead pid frees the sweep at once."""
     args = tiny_args(tmp_path, **SMALL, **{"sweep.name": "dead"})
-    env = {DELAYS_ENV: json.dumps({"1": [str(tmp_path / "never"), 0]}), **HELD_ENV}
+    env = hooked(**{DELAYS_ENV: json.dumps({"1": [str(tmp_path / "never"), 0]})}, **HELD_ENV)
     log = tmp_path / "driver.log"
     proc = cli_background(args, log, env=env)
     procs.append(proc)

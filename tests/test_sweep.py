@@ -26,6 +26,7 @@ from .conftest import (
     DET_SWEEP,
     cli,
     cli_background,
+    hooked,
     load_best,
     release_in_order,
     snapshot_trials,
@@ -171,11 +172,11 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
 
 def det_sweep(tmp_path: Path, name: str, slots: int, delays: dict | None = None) -> tuple[list[str], dict]:
     """The CLI args of the deterministic sweep (tests/conftest.py DET_SWEEP) into tmp_path/name with `slots` trials
-    at once, and the environment that injects per-trial delays (lorahpo.tuner.TEST_DELAYS_ENV)."""
+    at once, and the environment that injects per-trial delays (tests/worker_hooks/sitecustomize.py)."""
     args = tiny_args(tmp_path, **DET_SWEEP, **{"sweep.name": name, "sweep.max_concurrent_trials": slots})
     # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in words with digits ("test delay: trial_002_... waits
     # for ... in pid 123") into "[repeated Nx]" lines that keep the first one's text; tests read each trial's line
-    return args, ({DELAYS_ENV: json.dumps(delays), "RAY_DEDUP_LOGS": "0"} if delays else {})
+    return args, (hooked(**{DELAYS_ENV: json.dumps(delays)}, RAY_DEDUP_LOGS="0") if delays else {})
 
 
 def local_record(exp: Path) -> dict:
@@ -339,7 +340,7 @@ def test_bf16_sweep_on_a_cpu_without_native_bf16(tmp_path: Path) -> None:
     """Half precision end to end on any CPU (bf16 forced to the emulated path): trials, the test-split score and the
     export all run under the trial's autocast."""
     overrides = {"model.dtype": "bfloat16", "sweep.num_samples": 2, "train.max_epochs": 1, "data.max_examples": 200}
-    run = cli(tiny_args(tmp_path, **{"sweep.name": "bf16", **overrides}), env={"LORAHPO_CPU_BF16": "0"})
+    run = cli(tiny_args(tmp_path, **{"sweep.name": "bf16", **overrides}), env=hooked(LORAHPO_TEST_CPU_BF16="0"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "model.dtype=bfloat16 on a CPU without native bf16" in run.stderr
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
@@ -364,7 +365,7 @@ def test_ctrl_c_keeps_the_sweep_for_resume_which_refuses_changed_data(tmp_path: 
             "sweep.scheduler": "fifo",
         },
     )
-    env = {"LORAHPO_CPU_BF16": "0"}
+    env = hooked(LORAHPO_TEST_CPU_BF16="0")
     proc = cli_background(args, tmp_path / "driver.log", env=env)
     procs.append(proc)
     exp = tmp_path / "intr"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
 from lorahpo.space import optuna_space
-from lorahpo.tuner import describe, make_scheduler, make_searcher, restored_tune_config, trial_dirname
+from lorahpo.storage import trial_dirname
+from lorahpo.tuner import describe, make_scheduler, make_searcher
 
 from .conftest import tiny_config
 
@@ -19,19 +19,20 @@ ASYNC = {"sweep.deterministic": False}
 def test_searcher_is_seeded_tpe_or_random_over_the_config_space() -> None:
     cfg = tiny_config(**{"seed": 5, "sweep.n_startup_trials": 3, **ASYNC})
     searcher = make_searcher(cfg)
-    sampler = searcher._sampler
+    sampler = searcher.study.sampler
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 3
     assert searcher.metric == "best_val_fbeta" and searcher.mode == "max"
-    assert searcher._space == optuna_space(cfg)
-    assert searcher._points_to_evaluate == [dict(p) for p in cfg.sweep.points_to_evaluate]
+    assert searcher.space == optuna_space(cfg)
+    queued = [t.params for t in searcher.study.get_trials(states=[optuna.trial.TrialState.WAITING])]
+    assert queued == [dict(p) for p in cfg.sweep.points_to_evaluate]
     assert optuna_space(cfg)["lora.r"] == optuna.distributions.CategoricalDistribution([4, 8, 16])
     assert optuna_space(cfg)["train.lr"] == optuna.distributions.FloatDistribution(3e-4, 5e-3, log=True)
     assert optuna_space(cfg)["lora.last_n"] == optuna.distributions.IntDistribution(1, 4)
-    random = make_searcher(tiny_config(**{"sweep.searcher": "random", **ASYNC}))._sampler
+    random = make_searcher(tiny_config(**{"sweep.searcher": "random", **ASYNC})).study.sampler
     assert isinstance(random, optuna.samplers.RandomSampler)
     # seeded: two samplers of the same seed draw the same first value
-    a = make_searcher(cfg)._sampler._random_sampler._rng.rng.random()
-    b = make_searcher(cfg)._sampler._random_sampler._rng.rng.random()
+    a = make_searcher(cfg).study.sampler._random_sampler._rng.rng.random()
+    b = make_searcher(cfg).study.sampler._random_sampler._rng.rng.random()
     assert a == b
 
 
@@ -56,13 +57,6 @@ def test_deterministic_searcher_and_scheduler_share_the_records() -> None:
     assert make_scheduler(tiny_config(**{"sweep.scheduler": "fifo"}), make_searcher(cfg)).rungs == ()
     with pytest.raises(TypeError, match="BatchSearcher"):
         make_scheduler(cfg)
-
-
-def test_restored_tune_config_is_the_one_a_tuner_runs_with() -> None:
-    """restore_tuner sets --resume's max_concurrent_trials through this (Tune has no public setter)."""
-    tc = tune.TuneConfig(num_samples=2, max_concurrent_trials=3)
-    tuner = tune.Tuner(lambda config: None, tune_config=tc)
-    assert restored_tune_config(tuner) is tc
 
 
 def test_trial_dirname_sorts_in_creation_order() -> None:
