@@ -353,14 +353,6 @@ def _validate_spec(key: str, spec: ParamSpec) -> None:
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Plain nested dict (lists, no tuples), the same shape as the YAML files."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
     d = dataclasses.asdict(cfg)
     d["search"] = {k: {a: b for a, b in dataclasses.asdict(s).items() if b is not None} for k, s in cfg.search.items()}
     return plain(d)
@@ -450,5 +442,9 @@ def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: set[str] =
 
 
 def plain(value: Any) -> Any:
-    """A numpy/pandas scalar as the Python value it holds (for JSON and YAML)."""
+    """A value as plain Python for JSON and YAML (nested): tuples as lists, numpy/pandas scalars as Python's."""
+    if isinstance(value, tuple | list):
+        return [plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: plain(x) for k, x in value.items()}
     return value.item() if hasattr(value, "item") else value

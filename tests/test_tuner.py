@@ -23,8 +23,8 @@ def test_searcher_is_seeded_tpe_or_random_over_the_config_space() -> None:
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 3
     assert searcher.metric == "best_val_fbeta" and searcher.mode == "max"
     assert searcher.space == optuna_space(cfg)
-    queued = [t.params for t in searcher.study.get_trials(states=[optuna.trial.TrialState.WAITING])]
-    assert queued == [dict(p) for p in cfg.sweep.points_to_evaluate]
+    (point,) = cfg.sweep.points_to_evaluate  # the first suggestion is the point, whole (it names every searched key)
+    assert searcher.suggest("first") == dict(point)
     assert optuna_space(cfg)["lora.r"] == optuna.distributions.CategoricalDistribution([4, 8, 16])
     assert optuna_space(cfg)["train.lr"] == optuna.distributions.FloatDistribution(3e-4, 5e-3, log=True)
     assert optuna_space(cfg)["lora.last_n"] == optuna.distributions.IntDistribution(1, 4)
