@@ -90,9 +90,9 @@ def variants(cfg: ExperimentConfig, slots: int | None) -> dict[str, tuple[Experi
     out = {}
     for overrides, n in METHODS:
         m = apply_overrides(cfg, overrides)
-        out.setdefault(method_name(m, slots if slots is not None else n), (m, slots or n))
+        out.setdefault(method_name(m, None if slots else n), (m, slots or n))
     own = slots or cfg.sweep.max_concurrent_trials
-    out.setdefault(method_name(cfg, slots if slots is not None else own), (cfg, own))
+    out.setdefault(method_name(cfg, None if slots else own), (cfg, own))
     return out
 
 

@@ -99,7 +99,8 @@ def asktell(start: Start, report: Report, curves: Curves, p: Problem, slots: int
             heapq.heappush(queue, (now + curve[epoch].seconds, number, epoch + 1))
         else:
             del live[number]
-            launch()
+            if len(reports) < p.budget:
+                launch()
     return reports, started
 
 

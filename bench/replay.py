@@ -102,10 +102,11 @@ def _init(table: Table, problem: Problem) -> None:
     _CONTEXT.update(table=table, problem=problem)
 
 
-def _run(item: tuple[str, Any, int, int]) -> tuple[list[float], list[float], list[list], float]:
-    """One method at one seed: its trial-epochs' values and costs in arrival order, its first trials, its seconds."""
+def _run(item: tuple[str, Any, int, int]) -> tuple[list[float], list[float], list[list], tuple[float, float]]:
+    """One method at one seed: its trial-epochs' values and costs in arrival order, its first trials, and the wall
+    and CPU seconds the replay took."""
     name, cfg, slots, seed = item
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     curves = _CONTEXT["table"].curves(seed)
     if cfg is None:
         reports, started = run_peer(name, _CONTEXT["problem"], curves, seed, slots)
@@ -113,7 +114,12 @@ def _run(item: tuple[str, Any, int, int]) -> tuple[list[float], list[float], lis
         reports, started = sweep_run(apply_overrides(cfg, {"seed": seed}), curves, slots, _CONTEXT["problem"].budget)
     epochs = [curves[key][epoch - 1] for _, key, epoch in reports]
     firsts = [list(k) for k in started[:FIRST]]
-    return [e.value for e in epochs], [e.cost for e in epochs], firsts, time.perf_counter() - start
+    return (
+        [e.value for e in epochs],
+        [e.cost for e in epochs],
+        firsts,
+        (time.perf_counter() - start, time.process_time() - cpu),
+    )
 
 
 def replay(
@@ -132,7 +138,7 @@ def replay(
     table, grid = table_of(df, metric, max_epochs), grid_of(df)
     cfg = replay_config(base, grid, trials)
     own = variants(cfg, slots)
-    default = method_name(cfg, slots if slots is not None else cfg.sweep.max_concurrent_trials)
+    default = method_name(cfg, None if slots else cfg.sweep.max_concurrent_trials)
     sources = {m: "lorahpo" for m in own}
     left_out = dict(LEFT_OUT)
     for name in PEERS:
@@ -163,7 +169,8 @@ def replay(
     seed_best = [sign * max(sign * e.value for c in table.curves(s).values() for e in c) for s in seeds]
     out = measures(curves, seed_best, sign, {m: [r[1] for r in runs] for m, runs in per.items()})
     for m in chosen:
-        out[m] = {"source": sources[m], **out[m], "replay_s": sum(r[3] for r in per[m])}
+        wall, cpu = (sum(r[3][i] for r in per[m]) for i in (0, 1))
+        out[m] = {"source": sources[m], **out[m], "replay_s": wall, "replay_cpu_s": cpu}
     all_best = sign * max(sign * e.value for runs in table.by_seed.values() for c in runs.values() for e in c)
     return {
         "default": default,

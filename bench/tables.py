@@ -110,10 +110,10 @@ def load_table(path: Path, metric: str, root_seed: int | None = None) -> pd.Data
 
 
 def check_seeds(df: pd.DataFrame, path: Path) -> None:
-    seeds = sorted(df["train_seed"].unique())
+    seeds = sorted(int(s) for s in df["train_seed"].unique())
     params = [c for c in df if c.startswith("param.")]
     for cid, g in df.groupby("config_id"):
-        lacking = sorted(set(seeds) - set(g["train_seed"]))
+        lacking = sorted(set(seeds) - {int(s) for s in g["train_seed"]})
         if lacking:
             raise UserError(
                 f"config {cid} of {path} lacks training seed(s) {lacking}: complete that tabulation "
