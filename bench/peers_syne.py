@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from asktell import Problem, trial_length, tuning_values
 from methods import Run
-from peers import Problem, trial_length, tuning_values
 from syne_tune import Tuner
 from syne_tune.backend.simulator_backend.simulator_callback import SimulatorCallback
 from syne_tune.backend.simulator_backend.time_keeper import SimulatedTimeKeeper

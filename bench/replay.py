@@ -56,12 +56,13 @@ from typing import Any
 
 import optuna
 import pandas as pd
+from asktell import Problem
 from check import check_sweep, compare  # noqa: F401  (compare: tests)
 from common import DOCS_DIR, REPO_ROOT, machine, write_json
 from measures import NEVER, REFERENCE, fraction_to_reach, measures, quartiles  # noqa: F401
 from measures import running_best as best_so_far
 from methods import FIRST, METHODS, grid_values, method_name, replay_config, sweep_run, variants  # noqa: F401
-from peers import LEFT_OUT, PEERS, Problem, run_peer, source
+from peers import LEFT_OUT, PEERS, run_peer, source
 from report import markdown, plot
 from tables import (  # noqa: F401  (lookup: tests)
     TABLES,

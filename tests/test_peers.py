@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
+from asktell import Problem, trial_length  # noqa: E402
 from tables import Epoch  # noqa: E402
 
 LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
@@ -29,8 +30,8 @@ def curves() -> dict[tuple, list[Epoch]]:
     return {k: [Epoch(v, s, s - 1) for v in values] for k, (values, s) in CURVES.items()}
 
 
-def problem(points: list[float], budget: int = 6, patience: int = 2, max_epochs: int = 2) -> peers.Problem:
-    return peers.Problem({"train.lr": LRS}, [{"train.lr": lr} for lr in points], max_epochs, patience, "max",
+def problem(points: list[float], budget: int = 6, patience: int = 2, max_epochs: int = 2) -> Problem:
+    return Problem({"train.lr": LRS}, [{"train.lr": lr} for lr in points], max_epochs, patience, "max",
                          "best_val_f1", budget)  # fmt: skip
 
 
@@ -66,7 +67,7 @@ def test_a_config_trained_twice_pays_twice_and_patience_ends_a_trial() -> None:
     three[(LRS[0],)] = [Epoch(v, 10.0, 9.0) for v in (0.5, 0.4, 0.6)]  # no better at epoch 2: patience 1 ends it
     three[(LRS[2],)] = [Epoch(v, 10.0, 9.0) for v in (0.7, 0.75, 0.8)]
     p = problem([LRS[0], LRS[2]], budget=5, patience=1, max_epochs=3)
-    assert peers.trial_length(three[(LRS[0],)], p) == 2 and peers.trial_length(three[(LRS[2],)], p) == 3
+    assert trial_length(three[(LRS[0],)], p) == 2 and trial_length(three[(LRS[2],)], p) == 3
     for name in ("optuna gp", "syne-tune asha"):  # ASHA (rf 3) keeps trial 1 at epoch 1: 0.7 > 0.5
         reports, _ = peers.run_peer(name, p, three, 0, 1)
         assert reports == [(0, (LRS[0],), 1), (0, (LRS[0],), 2), *((1, (LRS[2],), e) for e in (1, 2, 3))], name
