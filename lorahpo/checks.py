@@ -12,14 +12,17 @@ from typing import Any
 
 import ray
 import torch
+import yaml
 from ray import tune
+from transformers import AutoModelForCausalLM
 
-from lorahpo.config import ExperimentConfig, config_diff, config_from_yaml
+from lorahpo.config import ExperimentConfig, ParamSpec, apply_overrides, config_diff, config_from_yaml
 from lorahpo.errors import UserError
+from lorahpo.owner import check_free, check_sweep, occupied
 from lorahpo.repro import git_state, versions
 from lorahpo.schema import valid_keys
 from lorahpo.space import optuna_space
-from lorahpo.storage import SWEEP_MARKER, check_storage_shared, display, exists, experiment_dir, is_sweep, read_text
+from lorahpo.storage import check_storage_shared, display, experiment_dir, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +31,24 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
     """Config values (and search-space bounds) the model cannot satisfy. The one place `lora.last_n` meets the
     layer count: a trial that gets here builds its model without surprises."""
     layers = model_config.num_hidden_layers
-    last_n = [cfg.lora.last_n]
     spec = cfg.search.get("lora.last_n")
-    if spec is not None:
-        last_n += [int(v) for v in (*(spec.choices or ()), spec.high) if v is not None]
+    last_n = [cfg.lora.last_n, *(space_ends(spec) if spec is not None else ())]
     if max(last_n) > layers:
         raise UserError(
             f"lora.last_n={max(last_n)} (config or search space) exceeds the {layers} layers of "
             f"{cfg.model.name}"
             + (f" truncated by model.num_layers={cfg.model.num_layers}" if cfg.model.num_layers else "")
             + f"; use at most {layers}"
+        )
+    spec = cfg.search.get("lora.target_modules")
+    wanted = {m for modules in (cfg.lora.target_modules, *(space_ends(spec) if spec else ())) for m in modules}
+    with torch.device("meta"):  # the module names without allocating any weight
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if wanted - names:
+        raise UserError(
+            f"lora.target_modules (config or search space) names {sorted(wanted - names)}, which {cfg.model.name} "
+            f"does not have; its linear layers include {sorted(n for n in names if n.endswith('_proj'))}"
         )
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
@@ -47,10 +58,25 @@ def check_model_fit(cfg: ExperimentConfig, model_config: Any) -> None:
         )
 
 
+def space_ends(spec: ParamSpec) -> list[Any]:
+    """The values of a search-space entry that bound what a trial can draw: every choice, or both ends of a range."""
+    if spec.type == "categorical":
+        return list(spec.choices or ())
+    cast = int if spec.type == "int" else float
+    return [cast(spec.low), cast(spec.high)]
+
+
 def check_points(cfg: ExperimentConfig) -> None:
-    """Every `sweep.points_to_evaluate` entry is a full point of the search space with each value inside its
-    distribution: the searcher would reject anything else only after the sweep has started (or, out of range, run it
-    and fail at the end)."""
+    """Every value a trial can draw is a valid value of its key (both ends of every range, every choice: a trial that
+    draws `lora.last_n=0` would otherwise fail mid-sweep), and every `sweep.points_to_evaluate` entry is a full point
+    of the search space with each value inside its distribution: the searcher would reject anything else only after
+    the sweep has started (or, out of range, run it and fail at the end)."""
+    for key, spec in cfg.search.items():
+        for value in space_ends(spec):
+            try:
+                apply_overrides(cfg, {key: value})
+            except UserError as e:
+                raise UserError(f"search.{key} allows {value!r}, which a trial cannot run: {e}") from None
     space = optuna_space(cfg)
     for i, point in enumerate(cfg.sweep.points_to_evaluate):
         where = f"sweep.points_to_evaluate[{i}]"
@@ -78,63 +104,80 @@ FINAL_KEYS = {k for k in valid_keys(ExperimentConfig) if k.startswith("final.")}
 
 
 def check_experiment(cfg: ExperimentConfig, resume: bool, overwrite: bool = False) -> None:
-    """Never overwrite an earlier sweep silently; never 'resume' nothing; never resume with another config."""
+    """Never overwrite an earlier sweep silently, nor delete what is not one, nor one a live driver runs; never
+    'resume' nothing; never resume with another config."""
     path, fs = experiment_dir(cfg)
     where = display(cfg, experiment=True)
     if resume:
+        check_free(cfg, "--resume")
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise UserError(
                 f"--resume: no experiment named {cfg.sweep.name!r} at {where}; check sweep.name and "
                 "sweep.storage_path, or drop --resume to start a new sweep"
             )
-        check_same_config(cfg, read_text(fs, f"{path}/config.yaml"), where)
+        check_same_config(cfg, read_bytes(fs, f"{path}/config.yaml"), where)
         return
-    if exists(fs, path) and not overwrite:
+    if occupied(cfg) and not overwrite:
         raise UserError(
             f"a sweep named {cfg.sweep.name!r} already exists at {where}; pass --resume to continue it, "
             "--overwrite to replace it, or choose a new sweep.name (earlier results are never deleted silently)"
         )
-    if exists(fs, path) and not is_sweep(fs, path):
-        raise UserError(
-            f"--overwrite: {where} exists but is not a lorahpo sweep (no {SWEEP_MARKER} marker, no lorahpo "
-            "config.yaml); it is never deleted: choose another sweep.name or sweep.storage_path"
-        )
+    if occupied(cfg):
+        check_sweep(cfg)
+        check_free(cfg, "--overwrite")
 
 
-def check_same_data(stored_manifest: str | None, data_info: dict[str, Any], where: str, flag: str = "--resume") -> None:
+def check_same_data(
+    stored_manifest: str | bytes | None, data_info: dict[str, Any], where: str, flag: str = "--resume"
+) -> None:
     """--resume, --final: the data (file contents) and the split must be those the sweep started with, or its trials
     would mix two datasets (or the final runs score another test split). A different code version is allowed but
-    said."""
-    stored = json.loads(stored_manifest) if stored_manifest else {}
-    old = stored.get("data", {})
-    for key, what in (("sha256", "the data file"), ("split_sha256", "the split")):
-        if old.get(key) is not None and old.get(key) != data_info.get(key):
-            raise UserError(
-                f"{flag}: {what} differs from the one the sweep at {where} started with ({key} {old[key][:12]} -> "
-                f"{data_info[key][:12]}); restore it, or start a new sweep.name for the new data"
+    said. A manifest.json that is not what lorahpo writes (edited, cut short, planted) is one line."""
+    try:
+        stored = json.loads(stored_manifest) if stored_manifest else {}
+        old = stored.get("data", {})
+        for key, what in (("sha256", "the data file"), ("split_sha256", "the split")):
+            if old.get(key) is not None and old.get(key) != data_info.get(key):
+                raise UserError(
+                    f"{flag}: {what} differs from the one the sweep at {where} started with ({key} {old[key][:12]} "
+                    f"-> {data_info[key][:12]}); restore it, or start a new sweep.name for the new data"
+                )
+        then, now = stored.get("git", {}), git_state()
+        version = stored.get("versions", {}).get("lorahpo"), versions().get("lorahpo")
+        if (then.get("sha"), then.get("dirty")) != (now["sha"], now["dirty"]) or version[0] != version[1]:
+            log.warning(
+                "%s with other code than the sweep started with (git %s%s -> %s%s, lorahpo %s -> %s): its trials "
+                "may not be comparable; manifest.json records both",
+                flag,
+                then.get("sha"),
+                " dirty" if then.get("dirty") else "",
+                now["sha"],
+                " dirty" if now["dirty"] else "",
+                *version,
             )
-    then, now = stored.get("git", {}), git_state()
-    version = stored.get("versions", {}).get("lorahpo"), versions().get("lorahpo")
-    if (then.get("sha"), then.get("dirty")) != (now["sha"], now["dirty"]) or version[0] != version[1]:
-        log.warning(
-            "%s with other code than the sweep started with (git %s%s -> %s%s, lorahpo %s -> %s): its trials "
-            "may not be comparable; manifest.json records both",
-            flag,
-            then.get("sha"),
-            " dirty" if then.get("dirty") else "",
-            now["sha"],
-            " dirty" if now["dirty"] else "",
-            *version,
-        )
+    except (ValueError, TypeError, AttributeError, RecursionError):  # ValueError: also bytes that are not UTF-8
+        raise UserError(f"{flag}: {where}/manifest.json is not a manifest lorahpo wrote; restore it") from None
 
 
-def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str) -> None:
+def stored_config(text: str | bytes, where: str, flag: str) -> ExperimentConfig:
+    """The config a sweep saved (its config.yaml); one that is not a lorahpo config (edited, cut short, planted) is one
+    line naming the file."""
+    try:
+        return config_from_yaml(text.decode() if isinstance(text, bytes) else text)
+    except (UserError, yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{flag}: {where}/config.yaml is not a lorahpo config ({first}); restore it, or start a new sweep.name"
+        ) from None
+
+
+def check_same_config(cfg: ExperimentConfig, stored_yaml: str | bytes | None, where: str) -> None:
     """Refuse to resume a sweep under a different config: its trials would not be comparable."""
     if stored_yaml is None:
         raise UserError(
             f"--resume: {where} has no config.yaml; it was not started by tune_lora.py and cannot be resumed"
         )
-    stored = config_from_yaml(stored_yaml)
+    stored = stored_config(stored_yaml, where, "--resume")
     both = stored.sweep.deterministic and cfg.sweep.deterministic
     diff = config_diff(stored, cfg, ignore=(DETERMINISTIC_RELOCATABLE if both else RELOCATABLE) | FINAL_KEYS)
     if diff:
@@ -146,26 +189,34 @@ def check_same_config(cfg: ExperimentConfig, stored_yaml: str | None, where: str
 
 def check_finished(cfg: ExperimentConfig) -> None:
     """--final: a finished sweep at the address (`sweep.storage_path` + `sweep.name`, as --resume addresses one), whose
-    config is this one except for `final.*`, with a best trial to evaluate."""
+    config is this one except for `final.*`, with a best trial to evaluate, and no live driver on it."""
     path, fs = experiment_dir(cfg)
     where = display(cfg, experiment=True)
     if cfg.final.seeds < 1:
         raise UserError("--final needs final.seeds >= 1 (fresh seeds per config), e.g. final.seeds=3")
-    stored = read_text(fs, f"{path}/config.yaml")
+    check_free(cfg, "--final")
+    stored = read_bytes(fs, f"{path}/config.yaml")
     if stored is None:
         raise UserError(
             f"--final: no sweep named {cfg.sweep.name!r} at {where}; check sweep.name and sweep.storage_path"
         )
-    diff = config_diff(config_from_yaml(stored), cfg, ignore=RELOCATABLE | FINAL_KEYS)
+    diff = config_diff(stored_config(stored, where, "--final"), cfg, ignore=RELOCATABLE | FINAL_KEYS)
     if diff:
         raise UserError(
             f"--final with a config that differs from the sweep's in more than final.* ({'; '.join(diff)}); pass the "
             f"sweep's config (saved as {where}/config.yaml) and change only final.seeds or final.baseline"
         )
-    summary = read_text(fs, f"{path}/summary.json")
+    summary = read_bytes(fs, f"{path}/summary.json")
     if summary is None:
         raise UserError(f"--final: the sweep at {where} has not finished (no summary.json); finish it with --resume")
-    if json.loads(summary).get("best_trial") is None:
+    try:
+        summary = json.loads(summary)
+    except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting deeper than Python's stack
+        summary = None
+    best = summary.get("best_trial") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict) or (best is not None and not isinstance(summary.get("best_params"), dict)):
+        raise UserError(f"--final: {where}/summary.json is not a summary lorahpo wrote; restore it, or --resume")
+    if best is None:
         raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
 
 

@@ -174,6 +174,21 @@ class SweepConfig:
     """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
     batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
     (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
+    planning_lag: int = 2
+    """Deterministic sweeps: batch k is planned from the trials of batches <= k - planning_lag. 1: the searcher learns
+    from every earlier batch, and a batch waits for the one before it; 2: one batch keeps slots busy while the next
+    waits for the one before. Results depend on it; keep it fixed."""
+    told: Literal["final", "first_rung"] = "final"
+    """Deterministic sweeps: what the searcher learns of a trial. `final`: its value when it ended (its running best:
+    a trial ASHA stopped at its first rung next to a promoted trial's later epochs). `first_rung`: its running best
+    after `grace_period` epochs, a fidelity every trial reaches, so all are compared alike, and a batch waits only for
+    the trials it learns from to reach it, not to end."""
+    rung_min_trials: int = 1
+    """Deterministic ASHA: a trial among the first n to reach a rung is judged against all the others of those n
+    (waiting, paused, for the later ones), as synchronous successive halving would, instead of against the few trials
+    before it (ASHA promotes nearly every early trial, each promotion costing the epochs to the next rung). 1: ASHA's
+    rule from the first trial. Needs told=first_rung when above trials_per_batch x planning_lag (the later trials must
+    be planned while the earlier wait)."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -203,7 +218,7 @@ class SweepConfig:
     nested under a sweep run; `pip install 'lorahpo[mlflow]'`), wandb (WANDB_PROJECT, WANDB_MODE=offline; trial runs
     grouped by sweep.name; `pip install 'lorahpo[wandb]'`)."""
     prefix_cache: bool = True
-    """Run the frozen layers below the trials' lowest LoRA layer once per sweep (over train, val and test) and train
+    """Run the frozen layers below the trials' lowest LoRA layer once per sweep (over train and val) and train
     every trial from their cached hidden states: each trial then pays only for the layers it trains. Equal to the full
     model up to float noise; exported models and the test score always use the full model."""
     prefix_cache_max_gb: float | None = None
@@ -215,6 +230,13 @@ class SweepConfig:
             raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
         if self.trials_per_batch < 1:
             raise UserError(f"sweep.trials_per_batch={self.trials_per_batch} must be >= 1 (e.g. 4)")
+        if self.planning_lag < 1 or self.rung_min_trials < 1:
+            raise UserError("sweep.planning_lag and sweep.rung_min_trials must each be >= 1")
+        if self.told == "final" and self.rung_min_trials > self.trials_per_batch * self.planning_lag:
+            raise UserError(
+                f"sweep.rung_min_trials={self.rung_min_trials} with sweep.told=final: the first trials would wait at "
+                "their first rung for trials that are planned only once they end; set sweep.told=first_rung"
+            )
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
@@ -240,8 +262,8 @@ class FinalConfig:
     run's best-val checkpoint scored once on the test split (lorahpo/final.py). It never feeds back into the search."""
 
     seeds: int = 0
-    """Fresh seeds per config (paired: the tuned and the baseline run i share seed i). 0 = off; k >= 2 gives the
-    gain an interval (a t interval over k paired differences). Each run costs about one trial."""
+    """Fresh seeds per config (paired: the tuned and the baseline run i share seed i). 0 = off; the gain's interval
+    holds the seeds' noise from k >= 2 on, the test set's from k = 1 (stats.GAIN_METHOD). A run costs about a trial."""
     baseline: bool = True
     """Also re-train the baseline: the first `sweep.points_to_evaluate` entry, else the config's own values for the
     search space's keys. Without it there is no tuning gain, only the tuned config's spread over seeds."""

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from sklearn.model_selection import train_test_split
 
@@ -131,7 +133,7 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         elif kind == "jsonl":
             df = pd.read_json(path, lines=True, encoding="utf-8")
         else:
-            df = pd.read_parquet(path)
+            df = read_parquet(path, f"data.path={cfg.path}")
     except UnicodeDecodeError as e:
         raise UserError(
             f"data.path={cfg.path} is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8"
@@ -158,6 +160,30 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
             f"(column {cfg.label_column!r}); remove them or label them"
         )
     return df.assign(text=df["text"].astype(str)), file_sha256(path)
+
+
+def read_parquet(source: str | Path | bytes, what: str) -> pd.DataFrame:
+    """A parquet file (a path, or its bytes) as a DataFrame, unable to run code whatever is imported: importing
+    ray.tune imports ray.data, which registers with pyarrow an extension type whose values are pickles, and converting
+    such a column to pandas unpickles them (so does a pandas extension dtype named in the file's pandas metadata). A
+    column of any Arrow extension type is refused with one line, and the pandas metadata is not read (lorahpo's own
+    tables need neither). `what` names the file in the error."""
+    table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source)
+    unsafe = [f.name for f in table.schema if _extension_inside(f.type)]
+    if unsafe:
+        raise UserError(
+            f"{what}: columns {unsafe} hold an Arrow extension type (e.g. Ray's pickled Python objects), which could "
+            "run code when read; refused. Store plain columns (strings, numbers, lists of them)"
+        )
+    return table.to_pandas(ignore_metadata=True)
+
+
+def _extension_inside(dtype: pa.DataType) -> bool:
+    if isinstance(dtype, pa.ExtensionType):
+        return True
+    if pa.types.is_dictionary(dtype):  # reports no fields of its own
+        return _extension_inside(dtype.value_type)
+    return any(_extension_inside(dtype.field(i).type) for i in range(dtype.num_fields))
 
 
 def label_map(labels: pd.Series, positive_label: str | None) -> list[str]:

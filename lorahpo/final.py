@@ -2,7 +2,8 @@
 each run's best-val checkpoint scored ONCE on the test split, and the statistics a paper reports.
 
 plan   k seeds derived from the root seed and the run index, none equal to a seed a sweep trial used; the tuned and
-       the baseline run i share seed i (paired), so model init, dropout and batch order cancel out of each difference.
+       the baseline run i share seed i (paired): what the two configs draw alike cancels out of each difference (the
+       head's init always; the LoRA init, batches, dropout masks only while the values they depend on are equal).
        The split stays the sweep's (the data are tokenized once, with the root seed). The baseline is the first
        `sweep.points_to_evaluate` entry, else the config's own values; when the best config IS the baseline, its runs
        are the tuned runs (not repeated) and the gain is 0 with interval [0, 0].
@@ -10,7 +11,8 @@ run    the runs as their own Ray Tune experiment inside the sweep's directory (`
        resources, early stopping and checkpoints; FIFO (no ASHA), no searcher, so they never feed back into the search;
        parallel where slots allow; resumable (a killed driver + `--final` again continues them). Each run's best-val
        checkpoint is then scored on a worker with a trial's resources (trainable.score_test).
-block  the summary's `final` block: per config and test metric {mean, std, values}, the paired gain with its interval.
+block  the summary's `final` block: per config and test metric {mean, std, values}, the paired gain with an interval
+       over seed and test-set noise (stats.GAIN_METHOD).
        No wall time or path in it: two evaluations of the same sweep give equal blocks.
 """
 
@@ -32,7 +34,15 @@ from lorahpo.config import ExperimentConfig, apply_overrides, flatten, to_dict, 
 from lorahpo.data import TaskData
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.results import error_line, trial_id
-from lorahpo.stats import GAIN_METHOD, TEST_METRICS, bootstrap_ci, bootstrap_method, paired_gain, spread
+from lorahpo.stats import (
+    GAIN_METHOD,
+    TEST_METRICS,
+    bootstrap_ci,
+    bootstrap_method,
+    gain_test_variance,
+    paired_gain,
+    spread,
+)
 from lorahpo.storage import display, experiment_dir, read_text, upload
 from lorahpo.trainable import score_test
 from lorahpo.tuner import FORWARDED_ENV, StorageWatch, trial_with_env
@@ -245,19 +255,19 @@ def score_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], grid
 # Statistics
 
 
-def final_block(cfg: ExperimentConfig, plan: dict[str, Any], records: list[dict]) -> dict[str, Any]:
+def final_block(cfg: ExperimentConfig, plan: dict[str, Any], records: list[dict], data: TaskData) -> dict[str, Any]:
     """The summary's `final` block (see the module docstring): deterministic, no wall time, no path."""
     metrics = [f"test_{m}" for m in TEST_METRICS]
     selected = tuning_metric(cfg)
+    runs = {role: sorted((r for r in records if r["role"] == role), key=lambda r: r["index"]) for role in ROLES}
 
     def config_block(role: str, params: dict[str, Any]) -> dict[str, Any]:
-        runs = sorted((r for r in records if r["role"] == role), key=lambda r: r["index"])
         return {
             "params": params,
-            "seeds": [r["seed"] for r in runs],
-            **{m: spread([r[m] for r in runs]) for m in metrics},
-            selected: spread([r[selected] for r in runs]),  # the val score each run's checkpoint was chosen by
-            "epochs": [r["epochs"] for r in runs],
+            "seeds": [r["seed"] for r in runs[role]],
+            **{m: spread([r[m] for r in runs[role]]) for m in metrics},
+            selected: spread([r[selected] for r in runs[role]]),  # the val score each run's checkpoint was chosen by
+            "epochs": [r["epochs"] for r in runs[role]],
         }
 
     k = len(plan["seeds"])
@@ -282,9 +292,15 @@ def final_block(cfg: ExperimentConfig, plan: dict[str, Any], records: list[dict]
         )
         return block
     block["baseline"] = config_block("baseline", plan["baseline"])
-    block["gain"] = {m: paired_gain(block["tuned"][m]["values"], block["baseline"][m]["values"]) for m in metrics}
+    preds = {role: [r["test_predictions"] for r in runs[role]] for role in ROLES}
+    variance = gain_test_variance(preds["tuned"], preds["baseline"], data.test.labels, data.num_labels, cfg.seed)
+    block["gain"] = {
+        m: paired_gain(block["tuned"][m]["values"], block["baseline"][m]["values"], float(v))
+        for m, v in zip(metrics, variance)
+    }
+    block["notes"] += sorted({g["note"] for g in block["gain"].values() if "note" in g})
     if k == 1:
-        block["notes"].append("final.seeds=1: the gain's interval is the single difference [d, d]; it needs k >= 2")
+        block["notes"].append("final.seeds=1: the gain's interval holds test-set noise only; seed noise needs k >= 2")
     return block
 
 

@@ -88,7 +88,8 @@ def write_final_plot(block: dict[str, Any], out: Path) -> str:
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_ylabel(label)
         gain = (block.get("gain") or {}).get(metric)
-        title = f"gain {gain['mean']:+.4f} [{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}]" if gain else label
+        ci = f"[{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}]" if gain and gain["ci95"] else "(no interval)"
+        title = f"gain {gain['mean']:+.4f} {ci}" if gain else label
         ax.set_title(title, fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Final evaluation: {block['num_seeds']} seeds per config (bars: means; 95% interval of the gain)")

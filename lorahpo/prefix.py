@@ -4,17 +4,18 @@ A trial with `lora.last_n = k` of L layers trains layers L-k..L-1; layers 0..L-k
 states for an input in every trial and every epoch. Before the first trial, one Ray task (with a trial's resources, so
 on a GPU when trials get one) runs them once over train and val and keeps, per example and for real tokens only, the
 hidden states entering layer c ("cut c") for every cut the search space can ask for (c = L-k for the space's
-`lora.last_n` values, c > 0), in the model's dtype. If they do not all fit, only the lowest cut is kept: a trial with a
+`lora.last_n` values, c > 0), in the model's dtype. If they fit nowhere, only the lowest cut is kept: a trial with a
 higher cut runs the frozen layers in between from it, without gradients. A trial batches the cached states as it
 batches ids and runs only the layers above its cut (model.upper_logits): the full model's logits up to float noise
-(tests/test_prefix.py). Not the test split: it is scored once, at the end, through the full model.
+(`noise_rtol`; tests/test_prefix.py). Not the test split: it is scored once, at the end, through the full model.
 
-Where it lives: in Ray's object store when it fits (half of the smallest trial node's store; every trial on a node maps
-the same arrays, zero-copy, as it gets the tokenized data), else as memory-mapped .npy files on each node's local disk
-(`<LORAHPO_CACHE>/prefix/<key>/`, built once per node by one task per node, or by the first trial on a node that joined
-later, reused by every later trial and sweep on that node with the same model, data and hardware). Never in the
-results storage. The build is deterministic (fixed batches, thread count and device), so every node of the same
-hardware holds the same bits and a resumed or repeated sweep trains on the same inputs.
+Where it lives (`place`): in Ray's object store when it fits (half of the smallest trial node's store; every trial on a
+node maps the same arrays, zero-copy, as it gets the tokenized data), else as memory-mapped .npy files on each node's
+local disk (`<LORAHPO_CACHE>/prefix/<key>/`, built once per node by one task per node, or by the first trial on a node
+that joined later, reused by every later trial and sweep on that node with the same weights, data and hardware; the
+key names the weights by content: sources.weights_id). Never in the results storage. The build is deterministic (fixed
+batches, thread count and device), so every node of the same hardware holds the same bits and a resumed or repeated
+sweep trains on the same inputs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import ray
 import torch
 import transformers
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lorahpo.config import ExperimentConfig
@@ -43,15 +44,18 @@ from lorahpo.data import LengthGroupedBatches, Split, TaskData
 from lorahpo.errors import UserError
 from lorahpo.model import build_base, frozen_states
 from lorahpo.repro import seed_everything_everywhere
-from lorahpo.sources import DTYPES, cache_dir
+from lorahpo.sources import DTYPES, cache_dir, weights_id
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when the layout or the build changes: old disk caches are then ignored, not misread
+FORMAT = 2  # bump when the layout or the build changes: old disk caches are then ignored, not misread
 SPLITS = ("train", "val")  # not test: the test split is scored once, through the full model
 # numpy has no bfloat16: its raw bits are stored as uint16 (data.pad_states views them back)
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 MEMORY_SHARE = 0.5  # of a node's object store: the tokenized data, checkpoints and Ray's own objects need the rest
 GB = 1e9
+# A trial whose cut is missing recomputes the frozen layers above the lowest cut in every epoch; reading its states
+# from local disk costs less. So more cuts come first, and at equal cuts memory (zero-copy, no disk reads).
+ORDER = "every wanted cut in Ray's object store, every wanted cut on local disk, the lowest cut in the store, on disk"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class PrefixPlan:
     hidden: int
     dtype: str
     where: Literal["memory", "disk"] = "memory"
+    why: str = ""  # what `place` chose and why (the log, the manifest, the summary)
 
     def nbytes(self, cuts: tuple[int, ...] | None = None) -> int:
         itemsize = np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
@@ -95,9 +100,15 @@ def last_n_values(cfg: ExperimentConfig) -> list[int]:
 
 def plan_prefix(cfg: ExperimentConfig, model_config: Any, data: TaskData) -> PrefixPlan | None:
     """The cuts this sweep's trials can use and their size; None when the cache is off or no trial has a frozen
-    layer (`lora.last_n` = all layers)."""
+    layer (`lora.last_n` = all layers). A base with attention dropout is refused: the cache is built in eval mode, so
+    its frozen layers would not drop what the full model's training drops."""
     if not cfg.sweep.prefix_cache:
         return None
+    if getattr(model_config, "attention_dropout", 0):
+        raise UserError(
+            f"model {cfg.model.name} has attention_dropout={model_config.attention_dropout}: the prefix cache runs the "
+            "frozen layers once without dropout, which training with dropout does not; set sweep.prefix_cache=false"
+        )
     layers = model_config.num_hidden_layers
     wanted = tuple(sorted({layers - k for k in last_n_values(cfg) if layers - k > 0}))
     if not wanted:
@@ -111,7 +122,9 @@ def describe_plan(plan: PrefixPlan) -> dict[str, Any]:
     return {
         "cuts": list(plan.cuts),
         "wanted_cuts": list(plan.wanted),
+        "layers": plan.layers,
         "where": plan.where,
+        "why": plan.why,
         "tokens": sum(plan.tokens.values()),
         "hidden": plan.hidden,
         "dtype": plan.dtype,
@@ -120,27 +133,39 @@ def describe_plan(plan: PrefixPlan) -> dict[str, Any]:
 
 
 def place(plan: PrefixPlan, memory: float, disk: float, cap: float | None, disk_dir: Path) -> PrefixPlan:
-    """Every wanted cut in memory, else the lowest one in memory, else the same two on local disk; else a UserError
-    that says what it needs. `memory`, `disk`: bytes usable on the smallest node; `cap`: sweep.prefix_cache_max_gb."""
+    """The first of ORDER that fits, with the reason in `why`; else a UserError that says what it needs. `memory`,
+    `disk`: bytes usable on the smallest node; `cap`: sweep.prefix_cache_max_gb."""
     limit = float("inf") if cap is None else cap * GB
-    for where, room in (("memory", memory), ("disk", disk)):
-        for cuts in (plan.wanted, plan.wanted[:1]):
-            if plan.nbytes(cuts) <= min(room, limit):
-                return dataclasses.replace(plan, cuts=cuts, where=where)
+    room = f"{memory / GB:.3g} GB usable in Ray's object store, {disk / GB:.3g} GB free at {disk_dir}"
+    for cuts in (plan.wanted, plan.wanted[:1]):
+        for where, space, at in (("memory", memory, "in Ray's object store"), ("disk", disk, "on local disk")):
+            if plan.nbytes(cuts) <= min(space, limit):
+                why = (
+                    f"{'every wanted cut' if cuts == plan.wanted else 'the lowest cut'} {at} "
+                    f"({plan.nbytes(cuts) / GB:.3g} GB of {plan.nbytes(plan.wanted) / GB:.3g}): the first that fits "
+                    f"of {ORDER} ({room}; sweep.prefix_cache_max_gb={cap})"
+                )
+                return dataclasses.replace(plan, cuts=cuts, where=where, why=why)
     need = plan.nbytes(plan.wanted[:1])
     what = f"{sum(plan.tokens.values()):,} tokens x {plan.hidden} x {plan.dtype}, the inputs of layer {plan.wanted[0]}"
     if cap is not None and need <= max(memory, disk):
         why, fix = f"more than sweep.prefix_cache_max_gb={cap:g}", "raise it"
     else:
-        why = (
-            f"more than a node has ({memory / GB:.3g} GB usable in Ray's object store, "
-            f"{disk / GB:.3g} GB free at {disk_dir})"
-        )
-        fix = "free disk"
+        why, fix = f"more than a node has ({room})", "free disk"
     raise UserError(
         f"the prefix cache needs {need / GB:.3g} GB ({what}), {why}; {fix}, set sweep.prefix_cache=false, or lower "
         "data.max_examples or data.max_length"
     )
+
+
+def noise_rtol(dtype: str, layers: int) -> float:
+    """How far float noise alone moves the cached path's output from the full model's, relative to its scale (the
+    largest logit; the val loss, or 1 if it is smaller). Per layer, the two paths round its output to the model's dtype
+    (one unit each at most) and sum in fp32 in another order (other kernels, CPUs, batch shapes: 256 units, ten times
+    the most measured); the residual stream carries each layer's error up, so they add over the layers. Measured at 4
+    layers: float32 1.2e-5 of the largest logit (Intel Xeon; 1.4e-6 on AMD EPYC), bfloat16 1.5e-2; the rule gives
+    1.2e-4 and 6.3e-2. Wrong states (another cut's) move the logits by ~1 (tests/test_prefix.py)."""
+    return layers * (2 * torch.finfo(DTYPES[dtype]).eps + 256 * torch.finfo(torch.float32).eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,7 +230,8 @@ def build_in_memory(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> 
 
 
 def cache_key(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> str:
-    """Everything the cached bits depend on: the inputs (token ids), the model, the cuts, the build's batches,
+    """Everything the cached bits depend on: the inputs (token ids), the model (its weights by content, not by name:
+    a local directory updated in place or a hub branch that moved gets a new key), the cuts, the build's batches,
     threads and device, and the library versions."""
     h = hashlib.sha256()
     for name in SPLITS:
@@ -216,6 +242,7 @@ def cache_key(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> str:
             {
                 "format": FORMAT,
                 "model": dataclasses.asdict(cfg.model),
+                "weights": weights_id(cfg.model),
                 "cuts": plan.cuts,
                 "batch": cfg.train.eval_batch_size,
                 "seed": cfg.seed,
@@ -239,11 +266,23 @@ def _file(directory: Path, name: str) -> Path:
     return directory / (name.replace("/", "_") + ".npy")
 
 
+def clear_staging(root: Path) -> None:
+    """Remove the staging folders (`<key>.tmp<pid>`) of builds that died: a live builder holds its key's lock until it
+    has renamed its folder into place, so a staging folder whose lock is free is a dead build's."""
+    for staging in root.glob("*.tmp*"):
+        try:
+            with FileLock(str(root / staging.name.split(".tmp")[0]) + ".lock", timeout=0):
+                shutil.rmtree(staging, ignore_errors=True)
+        except Timeout:
+            continue
+
+
 def ensure_on_disk(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> PrefixCache:
     """This node's disk cache, memory-mapped read-only; built first if the node has none (one builder per node: the
     others wait on the lock, then map what it wrote)."""
     directory = prefix_root() / cache_key(cfg, data, plan)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    clear_staging(directory.parent)
     build_s = 0.0
     with FileLock(str(directory) + ".lock"):
         if not (directory / "plan.json").is_file():
@@ -256,8 +295,7 @@ def ensure_on_disk(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> P
                 )
             start = time.perf_counter()
             staging = directory.with_name(directory.name + f".tmp{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
+            staging.mkdir(exist_ok=True)
             dtype = NUMPY_DTYPES[plan.dtype]
             arrays = build_states(
                 cfg, data, plan, lambda name, shape: np.lib.format.open_memmap(_file(staging, name), "w+", dtype, shape)
@@ -316,14 +354,12 @@ def prepare_prefix(
     plan = place(plan, memory, shutil.disk_usage(prefix_root()).free, cfg.sweep.prefix_cache_max_gb, prefix_root())
     info = describe_plan(plan)
     log.info(
-        "prefix cache: the inputs of layers %s of %d, %s real tokens x %d (%s) = %.3f GB in %s; building it",
-        list(plan.cuts),
-        plan.layers,
+        "prefix cache of %s real tokens x %d (%s), %d node(s): %s; building it",
         f"{info['tokens']:,}",
         plan.hidden,
         plan.dtype,
-        info["gb"],
-        "Ray's object store" if plan.where == "memory" else f"{prefix_root()} on each of {len(nodes)} node(s)",
+        len(nodes),
+        plan.why,
     )
     start = time.perf_counter()
     if plan.where == "memory":  # one build; trials on other nodes fetch the object (the driver never copies it)

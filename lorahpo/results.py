@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, config_from_yaml, plain, tuning_metric
+from lorahpo.data import read_parquet
 from lorahpo.space import distribution
 from lorahpo.storage import filesystem, read_bytes, read_text
 
@@ -41,7 +42,7 @@ def load_experiment(path: str, s3_endpoint: str | None = None) -> tuple[ResultGr
     grid = ResultGrid(ExperimentAnalysis(inner, storage_filesystem=fs))
     parquet = read_bytes(fs, f"{inner}/results.parquet")
     if parquet is not None:
-        return grid, pd.read_parquet(io.BytesIO(parquet))
+        return grid, read_parquet(parquet, f"{path}/results.parquet")
     cfg = config_from_yaml(read_text(fs, f"{inner}/config.yaml") or "")  # written by the driver before any trial
     return grid, trials_frame(grid, cfg, unfinished_trials(grid))
 
@@ -54,7 +55,7 @@ def read_tables(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
     parquet = read_bytes(fs, f"{inner}/results.parquet")
     if parquet is None:
         raise FileNotFoundError(f"{path}/results.parquet: not a finished sweep (load_experiment reads unfinished ones)")
-    trials = pd.read_parquet(io.BytesIO(parquet))
+    trials = read_parquet(parquet, f"{path}/results.parquet")
     epochs = [
         pd.read_csv(io.BytesIO(read_bytes(fs, f"{inner}/trials/{t}/metrics.csv") or b"epoch\n")).assign(trial_id=t)
         for t in trials["trial_id"]
@@ -83,9 +84,15 @@ def trial_id(result: tune.Result) -> str:
     return Path(result.path).name
 
 
+def trial_number(name: str) -> int:
+    """n of a trial's name `trial_<n>_<id>` (zero-padded to three digits, so from trial 1,000 on names no longer sort
+    as numbers do: compare numbers, never names)."""
+    return int(name.split("_")[1])
+
+
 def ordered(results: Iterable[tune.Result]) -> list[tune.Result]:
     """Trials in creation order (directory names start with the searcher's counter)."""
-    return sorted(results, key=trial_id)
+    return sorted(results, key=lambda r: trial_number(trial_id(r)))
 
 
 def history(result: tune.Result) -> pd.DataFrame:
@@ -316,8 +323,8 @@ def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
     )
 
 
-def _ci(interval: list[float]) -> str:
-    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+def _ci(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "(no interval: see the note)"
 
 
 def best_lines(s: dict[str, Any]) -> list[str]:

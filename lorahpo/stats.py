@@ -1,6 +1,7 @@
 """The statistics of a sweep's result (numpy and scipy only, no model code): the pinned test metrics recomputed from
 per-example predictions, a percentile bootstrap interval over test examples, a config's spread over seeds, and the
-paired tuning gain with a t interval over the per-seed differences. No result is NaN: a spread of zero gives [x, x]."""
+paired tuning gain with an interval that holds both seed and test-set noise. No result is NaN: a bootstrap of a
+constant gives [x, x]; a gain whose noise cannot be estimated has no interval (None) and a note, never a point."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ CONFIDENCE = 0.95
 N_RESAMPLES = 9999  # scipy's default: percentile endpoints stable to about 0.1 point on a few hundred examples
 TEST_METRICS = ("accuracy", "f1", "fbeta")  # the per-example metrics (the loss is a mean of losses, not predictions)
 GAIN_METHOD = (
-    "paired by seed: a t interval (k-1 degrees of freedom) over the k per-seed differences tuned - baseline "
-    "(scipy.stats.ttest_rel); [d, d] when the differences do not vary or k = 1"
+    "mean of the k per-seed differences tuned - baseline ± t x SE, SE² = s²/k (s: the differences' spread over seeds) "
+    f"+ the variance of that mean over {N_RESAMPLES} bootstrap resamples of the test examples (one resample shared by "
+    "every run, generator seeded with the root seed); t with Welch-Satterthwaite degrees of freedom (k-1 when seed "
+    "noise dominates, normal when test noise does; with k = 1, test noise only); one 95% interval per metric"
 )
 
 
@@ -54,8 +57,12 @@ def metrics(preds: np.ndarray, labels: np.ndarray, num_labels: int, axis: int = 
     positive class (index 1); multi-class: accuracy, macro-F1, macro F-beta. Equal to torchmetrics (a test checks)."""
     cm = confusion(np.moveaxis(np.asarray(preds), axis, -1), np.moveaxis(np.asarray(labels), axis, -1), num_labels)
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    fp, fn = cm.sum(-2) - tp, cm.sum(-1) - tp
-    total = cm.sum((-2, -1))
+    return scores(tp, cm.sum(-2) - tp, cm.sum(-1) - tp, num_labels)
+
+
+def scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, num_labels: int) -> np.ndarray:
+    """The metrics of TEST_METRICS (stacked on a new first axis) from per-class counts on the last axis."""
+    total = (tp + fn).sum(-1)
     accuracy = np.where(total > 0, tp.sum(-1) / np.maximum(total, 1), 0.0)
     f1 = _macro(_fbeta(tp, fp, fn, 1.0), tp, fp, fn)
     if num_labels == 2:
@@ -114,17 +121,59 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def paired_gain(tuned: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
-    """{mean, ci95, values}: tuned - baseline per seed (the same seed for both: model init, dropout and batch order
-    cancel out of each difference) and a 95% t interval over those differences (see GAIN_METHOD)."""
+def gain_test_variance(
+    tuned: Sequence, baseline: Sequence, labels: Sequence[int], num_labels: int, seed: int, resamples: int = N_RESAMPLES
+) -> np.ndarray:
+    """Per metric of TEST_METRICS, the variance over bootstrap resamples of the test examples of the mean difference
+    tuned - baseline over seeds (`tuned`, `baseline`: predictions, one row per seed, row i of both from seed i). One
+    resample of example indices serves every run and metric: the test set is a single draw shared by all seeds, so its
+    noise does not average out over seeds, and each pair stays paired on the same examples."""
+    runs, y = np.concatenate([np.asarray(tuned), np.asarray(baseline)]), np.asarray(labels)
+    n, eye = len(y), np.eye(num_labels)
+    if n < 2:  # nothing to resample
+        return np.zeros(len(TEST_METRICS))
+    # A resample's per-class counts (true, predicted, right) of every run = how often it drew each example x that
+    # example's one-hot rows: one matrix product, instead of gathering runs x resamples x examples predictions.
+    pred = eye[runs]  # run, example, class
+    design = np.stack(np.broadcast_arrays(eye[y], pred, pred * eye[y]))  # (true, predicted, right), run, example, class
+    design = np.moveaxis(design, 2, 0).reshape(n, -1)
+    rng = np.random.default_rng(seed)
+    batch = max(1, 2**22 // max(design.shape))  # memory: resamples x examples and x counts per batch
+    means = []
+    for start in range(0, resamples, batch):
+        size = min(batch, resamples - start)
+        drawn = rng.integers(0, n, (size, n)) + np.arange(size)[:, None] * n
+        counts = np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n).astype(float)
+        true, predicted, tp = np.moveaxis((counts @ design).reshape(size, 3, len(runs), num_labels), 1, 0)
+        per_run = scores(tp, predicted - tp, true - tp, num_labels)  # metric, resample, run
+        means.append(per_run[..., : len(runs) // 2].mean(-1) - per_run[..., len(runs) // 2 :].mean(-1))
+    return np.concatenate(means, axis=1).var(axis=1, ddof=1)
+
+
+def paired_gain(tuned: Sequence[float], baseline: Sequence[float], test_var: float | None = None) -> dict[str, Any]:
+    """{mean, ci95, values}: tuned - baseline per seed (run i of both configs has seed i: what the two configs draw
+    alike, such as the head's init, cancels out of each difference; what they draw differently stays in it) and a 95%
+    interval (see GAIN_METHOD). Without `test_var` (from gain_test_variance) the interval is the t interval over
+    the differences, which misses the test set's noise. No noise to estimate: ci95 None and a `note`, never a point."""
     a, b = np.asarray(tuned, dtype=float), np.asarray(baseline, dtype=float)
     if len(a) != len(b) or not len(a):
         raise ValueError(f"paired_gain needs as many tuned as baseline values, at least one ({len(a)} vs {len(b)})")
-    d = a - b
-    mean = float(d.mean())
-    # No spread to estimate (float noise aside: 0.9 - 0.8 != 0.8 - 0.7): the interval is the difference itself. scipy
-    # would give NaN for none and a warning about lost precision for float noise.
-    if len(d) < 2 or np.ptp(d) <= 1e-12:
-        return {"mean": mean, "ci95": [mean, mean], "values": [float(x) for x in d]}
-    ci = scipy.stats.ttest_rel(a, b).confidence_interval(CONFIDENCE)
-    return {"mean": mean, "ci95": [float(ci.low), float(ci.high)], "values": [float(x) for x in d]}
+    d, k = a - b, len(a)
+    gain: dict[str, Any] = {"mean": float(d.mean()), "ci95": None, "values": [float(x) for x in d]}
+    # Float noise is no spread: 0.9 - 0.8 != 0.8 - 0.7
+    seed_var = float(d.var(ddof=1)) / k if k > 1 and np.ptp(d) > 1e-12 else 0.0
+    var = seed_var + (test_var or 0.0)
+    if var <= 1e-24:
+        gain["note"] = (
+            "the gain's interval cannot be estimated: the per-seed differences do not vary (or k = 1) and "
+            + ("neither do they over test resamples" if test_var is not None else "no test-set noise was given")
+        )
+        return gain
+    # Not a two-level percentile bootstrap (seeds, then examples within each): with 3 seeds it has 10 distinct seed
+    # resamples and no t quantile; in the simulation of tests/test_final.py it covered 78% where seed noise dominated
+    # (84% where test noise did). Welch-Satterthwaite: k-1 degrees of freedom where seed noise dominates, normal where
+    # test noise does (a variance from thousands of resamples counts as known).
+    df = (k - 1) * (var / seed_var) ** 2 if seed_var > 0 else np.inf
+    half = float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, df) * np.sqrt(var))
+    gain["ci95"] = [gain["mean"] - half, gain["mean"] + half]
+    return gain

@@ -21,10 +21,9 @@ from typing import Any
 
 import pyarrow.fs
 import ray
-import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lorahpo.config import ExperimentConfig, config_from_yaml
+from lorahpo.config import ExperimentConfig
 from lorahpo.errors import UserError
 
 # pyarrow's S3 defaults wait and retry an unreachable endpoint for minutes; these make a dead endpoint an error within
@@ -132,43 +131,6 @@ def upload_dir(local: Path, dest: str, fs: pyarrow.fs.FileSystem) -> None:
     """Copy a local directory's contents under `dest`."""
     fs.create_dir(dest, recursive=True)
     pyarrow.fs.copy_files(str(local), dest, destination_filesystem=fs)
-
-
-# What makes a directory a lorahpo sweep: written first, before anything else of the sweep; --overwrite deletes only a
-# directory that carries it (or an older sweep's config.yaml).
-SWEEP_MARKER = ".lorahpo-sweep"
-
-
-def claim(fs: pyarrow.fs.FileSystem, exp: str, payload: str) -> bool:
-    """Create the experiment directory's marker, unless it exists; True if this process created it. On local disk and
-    NFS the creation is atomic (O_CREAT|O_EXCL), so of two drivers starting the same sweep exactly one wins. S3 has no
-    create-if-absent through pyarrow: there it is check-then-write, which narrows the race but cannot close it."""
-    marker = f"{exp}/{SWEEP_MARKER}"
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        Path(exp).mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        return True
-    if exists(fs, marker):
-        return False
-    write_bytes(fs, marker, payload.encode())
-    return read_text(fs, marker) == payload
-
-
-def is_sweep(fs: pyarrow.fs.FileSystem, exp: str) -> bool:
-    """Does `exp` hold a lorahpo sweep: its marker, or (a sweep from before markers) a config.yaml that is a valid
-    lorahpo config?"""
-    if exists(fs, f"{exp}/{SWEEP_MARKER}"):
-        return True
-    text = read_text(fs, f"{exp}/config.yaml")
-    try:
-        return text is not None and bool(yaml.safe_load(text)) and config_from_yaml(text) is not None
-    except (UserError, yaml.YAMLError, TypeError, AttributeError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 prepare   check everything that can be checked before training (the config's points, storage, experiment,
           resources, dtype, model), read + split + tokenize the data once (on --resume: the same data as before),
           and plan the sweep (what --dry-run prints)
-run       start (or join) Ray, check the cluster, claim the experiment directory, write provenance, run the Tune
-          sweep (new or resumed); an interrupted sweep stops here, its state kept for --resume
+run       start (or join) Ray, check the cluster, hold the experiment directory (lorahpo/owner.py: a second driver
+          is refused), write provenance, run the Tune sweep (new or resumed); an interrupted sweep stops here, its
+          state kept for --resume
 finalise  tables and study; for the best trial, on a worker with a trial's resources: its checkpoint scored
           ONCE on the untouched test split (with a bootstrap interval over its examples) and exported as best/;
           summary and plots; staged, then copied to storage
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import logging
 import os
@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import ray
 from ray.tune import ResultGrid
 
@@ -46,12 +45,13 @@ from lorahpo.checks import (
     local_nodes,
 )
 from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, config_yaml, to_dict
-from lorahpo.data import TaskData, load_task, split_rows
+from lorahpo.data import TaskData, load_task, read_parquet, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
 from lorahpo.final import describe as describe_final
+from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
-from lorahpo.prefix import plan_prefix, prepare_prefix
+from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
 from lorahpo.repro import git_state, hardware, manifest, versions
 from lorahpo.results import (
     best_checkpoint,
@@ -67,14 +67,11 @@ from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.stats import TEST_METRICS
 from lorahpo.storage import (
     check_storage,
-    claim,
     display,
-    exists,
     experiment_dir,
     location,
     read_bytes,
     read_json,
-    read_text,
     storage_failure,
     upload,
     upload_dir,
@@ -103,12 +100,12 @@ def prepare(
     data = _check_and_load(cfg, address, dry_run)
     if resume:
         exp, fs = experiment_dir(cfg)
-        check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
+        check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
     plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg), "data": data.info}
     prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
     plan["prefix_cache"] = (
-        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB "
-        "(in Ray's object store if it fits, else on each node's local disk; checked when the sweep starts)"
+        f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB; placed when the "
+        f"sweep starts (its nodes' room is known then) in the first that fits of {ORDER}; the choice and why are logged"
         if prefix is not None
         else "off"
     )
@@ -141,12 +138,15 @@ def run(
     """Run (or resume) the sweep on a local or existing Ray cluster, then finalise it; returns the summary."""
     exp, fs = experiment_dir(cfg)
     start_ray(address)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(ray.shutdown)
         check_cluster(cfg)  # before anything is written, so a failed check leaves no half-made sweep
         # the prefix cache: sized and placed (or refused) before anything is written, built before any trial
         prefix, spec, cache_info = None, plan_prefix(cfg, load_model_config(cfg.model), data), None
         if spec is not None:
             prefix, cache_info = prepare_prefix(cfg, data, spec, forwarded_env())
+        # held by this driver from before its first write to the end (released before Ray shuts down)
+        held = stack.enter_context(hold(cfg, "--resume" if resume else "--overwrite" if overwrite else None))
         if resume:
             meta = read_json(fs, f"{exp}/manifest.json")
             meta.setdefault("resumes", []).append(
@@ -163,7 +163,7 @@ def run(
         else:
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
             meta["prefix_cache"] = cache_info
-            tuner = start(cfg, data, meta, overwrite, prefix)
+            tuner = start(cfg, data, meta, overwrite, prefix, held)
         with storage_errors(cfg):  # StorageWatch's error (Tune wraps it), or storage gone while results are written
             grid = tuner.fit()
             unfinished = cfg.sweep.num_samples - grid.num_terminated - grid.num_errors
@@ -174,8 +174,6 @@ def run(
                     "--resume to continue it"
                 )
             return finalise(cfg, grid, data, meta)
-    finally:
-        ray.shutdown()
 
 
 def start_ray(address: str | None) -> None:
@@ -198,13 +196,13 @@ def storage_errors(cfg: ExperimentConfig) -> Iterator[None]:
         raise error from None
 
 
-def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any) -> Any:
-    """A new sweep's directory: claimed (two drivers never share one), its Tuner built, then provenance written
-    before any training. A failure here removes what this driver created, so no half-made sweep is left behind."""
+def start(cfg: ExperimentConfig, data: TaskData, meta: dict[str, Any], overwrite: bool, prefix: Any, held: str) -> Any:
+    """A new sweep in the directory this driver holds (`held`: its owner record): the earlier sweep deleted with
+    --overwrite, the marker claimed, the Tuner built, then provenance written before any training. A failure here
+    removes what this driver created, so no half-made sweep is left behind."""
     exp, fs = experiment_dir(cfg)
-    if overwrite and exists(fs, exp):  # checks.check_experiment made sure it is a lorahpo sweep
-        log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
-        fs.delete_dir(exp)
+    if overwrite:
+        wipe(cfg, keep=held)
     owner = json.dumps(
         {"name": cfg.sweep.name, "created": meta["created"], "host": socket.gethostname(), "pid": os.getpid()}
     )
@@ -260,37 +258,53 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
             (out / "test_predictions.csv").write_text(predictions_table(data, scored["test_predictions"]))
         cache_info = (meta.get("resumes") or [{}])[-1].get("prefix_cache") or meta.get("prefix_cache")
         if cache_info:
-            summary["prefix_cache"] = {**cache_info, **cache_check(grid, best, ckpt, scored["val"])}
+            result = next(r for r in grid if trial_id(r) == best["trial_id"])
+            cached = next(m for c, m in result.best_checkpoints if c.path == ckpt.path)  # that checkpoint's report
+            summary["prefix_cache"] = {**cache_info, **cache_check(cached, scored["val"], cache_info)}
         write_summary(summary, cfg, out)
         (out / "manifest.json").write_text(json.dumps({**meta, "summary": summary}, indent=2, default=str))
         write_plots(study, df, cfg, out)
         upload_dir(out, exp, fs)  # a finished sweep from here on: a driver killed below continues with --final
     log_summary(cfg, summary)  # onto the trackers' sweep-level runs
+    if summary.get("prefix_cache", {}).get("error"):  # loud, once the results are written
+        raise SweepFailed(summary["prefix_cache"]["error"])
     if cfg.final.seeds > 0:
         summary = final(cfg, data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, df)), summary)
     return summary
 
 
-def cache_check(grid: ResultGrid, best: Any, checkpoint: Any, full: dict[str, float]) -> dict[str, Any]:
+def cache_check(cached: dict[str, Any], full: dict[str, float], info: dict[str, Any]) -> dict[str, Any]:
     """The prefix cache's faithfulness, on the result that matters: the best checkpoint's val metrics through the full
-    model (`full`, from the final scoring) against those its trial reported from cached states (equal up to float
-    noise). Compared with the report of that same checkpoint, so tied epochs cannot show a false difference."""
-    result = next(r for r in grid if trial_id(r) == best["trial_id"])
-    cached = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
+    model (`full`, from the final scoring) against those its trial reported from cached states (`cached`: the report
+    of that same checkpoint, so tied epochs cannot show a false difference). The val loss decides, within float noise
+    (prefix.noise_rtol of the dtype and depth, times the loss or 1): it moves smoothly with the logits, while float
+    noise can flip a near-tie prediction and move accuracy and F-scores by a whole example. Beyond it, `error`."""
     diff = {k: full[k] - float(cached[f"val_{k}"]) for k in METRICS}
-    worst = max(abs(v) for v in diff.values())
+    rtol = noise_rtol(info["dtype"], info["layers"])
+    tol = rtol * max(1.0, abs(full["loss"]))
     log.info(
-        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by at "
-        "most %.2g (%s)",
-        worst,
+        "prefix cache check: the best trial's val metrics through the full model differ from the cached run's by %s "
+        "(loss tolerance %.2g)",
         ", ".join(f"{k} {v:+.2g}" for k, v in diff.items()),
+        tol,
     )
-    return {
+    out = {
         "best_trial_cut": cached.get("prefix_cut"),
         "val_cached": {k: float(cached[f"val_{k}"]) for k in METRICS},
         "val_full_model": full,
-        "max_abs_diff": worst,
+        "max_abs_diff": max(abs(v) for v in diff.values()),
+        "loss_tolerance": tol,
+        "passed": abs(diff["loss"]) <= tol,
     }
+    if not out["passed"]:
+        out["error"] = (
+            f"prefix cache check: the best checkpoint's val loss is {full['loss']:.6f} through the full model but "
+            f"{cached['val_loss']:.6f} from the cached states (cut {out['best_trial_cut']}), beyond float noise "
+            f"({info['dtype']}, {info['layers']} layers: tolerance {tol:.2g}): its trials trained on wrong states. The "
+            f"results are written; delete {prefix_root()} on each node if the cache was on disk, and run again with "
+            "--overwrite (or sweep.prefix_cache=false)"
+        )
+    return out
 
 
 def final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +316,7 @@ def final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], summary: 
     records = score_runs(cfg, data, plan, fit_runs(cfg, data, plan))
     summary = {
         **summary,
-        "final": final_block(cfg, plan, records),
+        "final": final_block(cfg, plan, records, data),
         "final_run": {
             "experiment": f"{location(cfg, experiment=True)}/{plan['experiment']}",
             "wall_time_s": round(time.perf_counter() - start, 1),  # this driver's part, if it continued another's
@@ -330,9 +344,9 @@ def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bo
     data = _check_and_load(cfg, address, dry_run)
     exp, fs = experiment_dir(cfg)
     where = display(cfg, experiment=True)
-    check_same_data(read_text(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
+    check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
     summary = read_json(fs, f"{exp}/summary.json")
-    trials = pd.read_parquet(io.BytesIO(read_bytes(fs, f"{exp}/results.parquet") or b""))
+    trials = read_parquet(read_bytes(fs, f"{exp}/results.parquet") or b"", f"{where}/results.parquet")
     return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials))
 
 
@@ -342,8 +356,8 @@ def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], addre
     start_ray(address)
     try:
         check_cluster(cfg)
-        summary = read_json(fs, f"{exp}/summary.json")
-        with storage_errors(cfg):  # storage gone while the runs train or their results are written
+        with hold(cfg, "--final"), storage_errors(cfg):  # storage gone while the runs train or results are written
+            summary = read_json(fs, f"{exp}/summary.json")
             if "test_ci95" not in summary and summary["test"]:  # a sweep finished before test intervals existed
                 summary = rescore_best(cfg, data, summary)
             return final(cfg, data, plan, summary)

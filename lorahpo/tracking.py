@@ -141,6 +141,7 @@ class LiveStudy(tune.Callback):
             if t.state.is_finished():
                 self.done.add(key)
         self.mirrored = time.monotonic()
+        self.reconciled = False
 
     def _trial(self, trial: Any) -> int:
         key = trial_key(trial)
@@ -183,6 +184,24 @@ class LiveStudy(tune.Callback):
     @_observer
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, errored=True)
+
+    @_observer
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Once, at the first step: a resumed sweep's trials that had ended before the driver stopped, but after the
+        journal was last written (on S3 it is copied every MIRROR_EVERY_S), are closed now, as they ended (value,
+        state, stop reason and last epoch), not left RUNNING until the sweep ends. Tune reports nothing more of
+        them."""
+        if self.reconciled:
+            return
+        self.reconciled = True
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") and trial_key(t) not in self.done]
+        for trial in ended:
+            result = trial.last_result or {}
+            if self.cfg.train.metric in result and "epoch" in result:
+                self.on_trial_result(iteration, trials, trial, result)
+            self._finish(trial, errored=trial.status == "ERROR")
+        if ended and self.remote is not None:
+            self._mirror()
 
     @_observer
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

@@ -21,6 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
+from lorahpo.results import trial_number
 from lorahpo.space import ask_new, optuna_space
 from lorahpo.storage import display, experiment_dir, storage, storage_failure
 from lorahpo.tracking import ray_default_loggers, tracker_callbacks
@@ -106,7 +107,7 @@ TEST_DELAYS_ENV = "LORAHPO_TEST_TRIAL_DELAYS"
 
 def injected_wait(trial_dir: str, resuming: bool) -> None:
     delays = json.loads(os.environ.get(TEST_DELAYS_ENV) or "{}")
-    wait = delays.get(str(int(os.path.basename(trial_dir).split("_")[1])), (0, 0))[1 if resuming else 0]
+    wait = delays.get(str(trial_number(os.path.basename(trial_dir))), (0, 0))[1 if resuming else 0]
     if not wait:
         return
     log.warning("test delay: %s waits for %s in pid %d", os.path.basename(trial_dir), wait, os.getpid())

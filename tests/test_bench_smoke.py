@@ -132,7 +132,7 @@ def test_prefix_cache_smoke(tmp_path: Path) -> None:
     s = res["sweep"]
     assert s["same_trials"] and s["last_n_of_trials"] == [1, 1, 2, 2]  # random + FIFO, seed 3: two of each
     assert s["with_cache"]["cache"]["cuts"] == [2, 3] and s["without_cache"]["cache"] is None
-    assert s["with_cache"]["cache"]["max_abs_diff"] < 1e-5
+    assert s["with_cache"]["cache"]["passed"]  # within the float noise of the dtype and depth (prefix.noise_rtol)
     assert positive(s["ratio_sum_trial_s"]) and positive(s["ratio_wall_s"])
     assert s["with_cache"]["best_val_fbeta"] == pytest.approx(s["without_cache"]["best_val_fbeta"], abs=1e-6)
     f = res["flops"]

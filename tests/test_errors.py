@@ -223,14 +223,41 @@ def test_overwrite_refusal_names_the_directory(tmp_path: Path, capsys: pytest.Ca
     assert tune_lora.main([*tiny_args(tmp_path / "store"), "sweep.name=thesis", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: --overwrite: {other} exists but is not a lorahpo sweep (no .lorahpo-sweep marker, no lorahpo "
-        "config.yaml); it is never deleted: choose another sweep.name or sweep.storage_path"
+        f"error: --overwrite: {other} exists but is not a lorahpo sweep (no .lorahpo-sweep marker); it is never "
+        "deleted: choose another sweep.name or sweep.storage_path"
     ]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
 def test_config_non_finite_numbers(run, value: str) -> None:
     assert "is not a finite number" in run(f"train.lr={value}")
+
+
+@pytest.mark.parametrize(
+    ("key", "spec", "expected"),
+    [
+        ("lora.last_n", {"type": "int", "low": 0, "high": 4},
+         "search.lora.last_n allows 0, which a trial cannot run: lora.last_n=0 must be >= 1"),
+        ("lora.last_n", {"type": "categorical", "choices": [1, 2, 6]},
+         "lora.last_n=6 (config or search space) exceeds the 4 layers of tiny-random-llama"),
+        ("train.batch_size", {"type": "categorical", "choices": [16, 0]},
+         "search.train.batch_size allows 0, which a trial cannot run: train.batch_size, train.max_epochs and"),
+        ("lora.dropout", {"type": "float", "low": 0.0, "high": 1.0},
+         "search.lora.dropout allows 1.0, which a trial cannot run: lora.dropout=1.0 must be in [0, 1)"),
+        ("lora.target_modules", {"type": "categorical", "choices": [["q_proj", "v_proj"], ["q_proj", "qkv_proj"]]},
+         "lora.target_modules (config or search space) names ['qkv_proj'], which tiny-random-llama does not have"),
+    ],
+)  # fmt: skip
+def test_config_every_value_a_trial_can_draw_is_checked(run, tmp_path: Path, key: str, spec: dict, expected: str):
+    """Both ends of a searched range and every choice, against the config's rules and the model, before any trial:
+    a trial that draws `lora.last_n=0` used to fail mid-sweep."""
+    import yaml
+
+    raw = to_dict(tiny_config())
+    raw["search"] = {key: spec}
+    raw["sweep"]["points_to_evaluate"] = []
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert expected in run(config=tmp_path / "c.yaml", flags=("--dry-run",))
 
 
 def test_config_non_finite_in_the_search_space(run, tmp_path: Path) -> None:
@@ -381,7 +408,14 @@ def test_existing_sweep_refused_resume_config_checked_token_never_written(tmp_pa
     assert sorted(str(p) for p in exp.rglob("*") if p.is_file()) == before  # nothing touched
     assert load_config(exp / "config.yaml").train.lr == 0.002
 
+    # links planted in the sweep (to a folder and a file of the user's) are removed, never followed
+    mine = tmp_path / "mine"
+    (mine / "thesis").mkdir(parents=True)
+    (mine / "thesis" / "chapter1.tex").write_text("years of work")
+    (exp / "thesis").symlink_to(mine / "thesis")
+    next(exp.glob("trial_*")).joinpath("notes").symlink_to(mine / "thesis" / "chapter1.tex")
     replaced = cli([*args, "--overwrite", "seed=3"])  # explicit: deleted, and said so
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert f"--overwrite: deleting the earlier experiment at {exp}" in replaced.stderr
     assert load_config(exp / "config.yaml").seed == 3
+    assert (mine / "thesis" / "chapter1.tex").read_text() == "years of work" and not (exp / "thesis").exists()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lorahpo.results import load_journal
-from lorahpo.stats import paired_gain
+from lorahpo.stats import GAIN_METHOD, gain_test_variance, paired_gain
 
 from .conftest import cli, cli_background, snapshot_trials, wait_for
 from .test_sweep import write_config
@@ -74,8 +74,15 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
     assert len(pd.read_parquet(exp / "results.parquet")) == 2
     assert len(load_journal(exp / "optuna_journal.log").trials) == 2
 
-    # the table and the intervals: per config and metric {mean, std, values}, the paired gain, the best's interval
+    # the table and the intervals: per config and metric {mean, std, values}, the paired gain (its interval from the
+    # per-seed differences and the runs' test predictions, resampled with the root seed), the best's interval
     records = {(r["role"], r["index"]): r for r in json.loads((exp / "final_seeds2" / "runs.json").read_text())}
+    predictions = pd.read_csv(exp / "test_predictions.csv")
+    names = json.loads((exp / "manifest.json").read_text())["data"]["label_names"]
+    labels = [names.index(str(label)) for label in predictions["label"]]
+    preds = {role: [records[(role, i)]["test_predictions"] for i in (0, 1)] for role in ("tuned", "baseline")}
+    variance = dict(zip(METRICS, gain_test_variance(preds["tuned"], preds["baseline"], labels, 2, seed=42)))
+    assert final["gain_method"] == GAIN_METHOD
     for m in METRICS:
         for role in ("tuned", "baseline"):
             values = [records[(role, i)][m] for i in (0, 1)]
@@ -84,11 +91,11 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
                 "std": pytest.approx(np.std(values, ddof=1)),
                 "values": values,
             }
-        assert final["gain"][m] == paired_gain(final["tuned"][m]["values"], final["baseline"][m]["values"])
+        gain = paired_gain(final["tuned"][m]["values"], final["baseline"][m]["values"], float(variance[m]))
+        assert final["gain"][m] == gain and gain["ci95"][0] < gain["mean"] < gain["ci95"][1]
         low, high = summary["test_ci95"][m]
         assert low <= summary["test"][m] <= high and low < high
     assert summary["test_ci95_method"]["seed"] == 42 and summary["test_ci95_method"]["n_resamples"] == 9999
-    predictions = pd.read_csv(exp / "test_predictions.csv")
     assert len(predictions) == summary["test_size"]
     accuracy = (predictions["label"] == predictions["prediction"]).mean()
     assert accuracy == pytest.approx(summary["test"]["test_accuracy"], abs=1e-6)

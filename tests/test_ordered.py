@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -241,6 +242,48 @@ def test_resume_reconciles_the_searcher_with_tunes_trials(tmp_path: Path) -> Non
     assert not behind.records[1].ended
     scheduler.choose_trial_to_run(controller)  # ended without the searcher being told (e.g. a failed actor reuse)
     assert behind.records[1].ended and not behind.records[1].failed
+
+
+@pytest.mark.parametrize("per_batch", [1, 2, 4])
+def test_resume_after_a_mid_save_gap_at_every_position_of_a_batch(per_batch: int) -> None:
+    """The searcher's state was saved after trial m; trials m+1..j were suggested (and added to Tune's trial list)
+    after that save, so the restored searcher lacks them, and their batch too when m+1 opened a new one. The resumed
+    sweep records them from Tune, plans what it lacks again, and goes on exactly as the uninterrupted sweep: for every
+    m and every lost count up to a batch, so that the first lost trial sits at every position of its batch."""
+    cfg = cfg_for(**{"sweep.num_samples": 6 * per_batch, "sweep.trials_per_batch": per_batch,
+                     "sweep.n_startup_trials": 2, "sweep.points_to_evaluate": "[]"})  # fmt: skip
+
+    def value(params: dict[str, Any]) -> dict[str, Any]:  # a trial's last report, a function of its params
+        return {"epoch": 1, "best_val_fbeta": 1 - abs(math.log10(params["train.lr"]) + 3)}
+
+    def complete(searcher: BatchSearcher, i: int) -> None:
+        searcher.on_trial_complete(f"t{i}", value(searcher.records[i].params))
+
+    total = cfg.sweep.num_samples
+    reference = eager_searcher(cfg)
+    expected = []
+    for i in range(total):
+        expected.append(reference.suggest(f"t{i}"))
+        complete(reference, i)
+    for m in range(per_batch, 3 * per_batch):  # with per_batch 1: saved after trial 2, trial 3 lost (the report)
+        for lost in range(1, per_batch + 1):
+            a = eager_searcher(cfg)
+            for i in range(m + 1):
+                a.confirm(f"t{i}", a.suggest(f"t{i}"), i, live=True)
+                complete(a, i)
+            saved = pickle.dumps(a.get_state())
+            tune_params = [a.suggest(f"t{i}") for i in range(m + 1, m + 1 + lost)]  # Tune has these, the save not
+            b = eager_searcher(cfg)
+            b.set_state(pickle.loads(saved))
+            for i in range(m + 1 + lost):
+                b.confirm(f"t{i}", expected[i] if i <= m else tune_params[i - m - 1], i, live=i > m)
+            for i in range(m + 1, m + 1 + lost):  # the resumed trials run and report
+                complete(b, i)
+            got = [r.params for r in b.records]
+            for i in range(m + 1 + lost, total):
+                got.append(b.suggest(f"t{i}"))
+                complete(b, i)
+            assert got == expected, (m, lost)
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "random"])

@@ -102,3 +102,14 @@ def test_optuna_study_mirrors_the_table() -> None:
     ]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert study.best_trial.number == 0
+
+
+def test_trials_sort_by_number_past_trial_999() -> None:
+    """Names are zero-padded to three digits (`trial_000_...`), so `trial_1000_...` sorts before `trial_101_...` as a
+    string: tables, the study and "ties go to the earlier trial" use the number."""
+    grid = [recorded(n, {"train.lr": 1e-3 * (1 + n % 4), "lora.r": 8}, [f]) for n, f in
+            ((1000, 0.9), (101, 0.5), (999, 0.9), (99, 0.4), (1001, 0.2))]  # fmt: skip
+    df = trials_frame(grid, CFG)
+    assert df["trial_id"].tolist() == [f"trial_{n:03d}_abc{n}" for n in (99, 101, 999, 1000, 1001)]
+    assert best_row(df, CFG)["trial_id"] == "trial_999_abc999"  # ties 1000: the earlier trial wins
+    assert [t.user_attrs["trial_id"] for t in optuna_study(grid, CFG).trials] == df["trial_id"].tolist()

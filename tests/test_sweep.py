@@ -144,7 +144,7 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     # metrics through the full model match what its trial reported from the cache
     check = summary["prefix_cache"]
     assert check["cuts"] == [2] and check["where"] == "memory" and check["best_trial_cut"] == 2
-    assert check["max_abs_diff"] < 1e-5 and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
+    assert check["passed"] and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
     assert (df["trainable_params"] > 0).all()
     assert f"Results: {exp}" in run.stdout and "test split:" in run.stdout
 
@@ -421,5 +421,7 @@ def test_two_drivers_never_share_a_sweep(tmp_path: Path, procs: list) -> None:
     codes = [p.wait(timeout=300) for p in drivers]
     assert sorted(codes) == [0, 2], [(tmp_path / f"d{i}.log").read_text()[-2000:] for i in range(2)]
     loser = (tmp_path / f"d{codes.index(2)}.log").read_text().strip().splitlines()[-1]
-    assert loser.startswith("error: ") and ("at the same time" in loser or "already exists" in loser), loser
+    assert loser.startswith("error: ") and any(
+        why in loser for why in ("at the same time", "already exists", "is in use by a running driver")
+    ), loser
     assert len(pd.read_parquet(tmp_path / "race" / "results.parquet")) == 1
