@@ -11,16 +11,12 @@ import dataclasses
 from typing import Any
 
 from simulate import simulate
-from tables import Curves, native
+from trials import Curves, Run, native
 
 from lorahpo.config import ExperimentConfig, ParamSpec, SweepConfig, apply_overrides
 from lorahpo.errors import UserError
 
 FIRST = 8  # trials whose configs a replay records, in the order they start: a real sweep's first trials match them
-Run = tuple[list[tuple[int, tuple, int]], list[tuple]]
-"""One method at one seed: its first B epoch reports in arrival order, each (trial number, grid values, epoch), and
-the grid values of its trials in the order they started (trial numbers are the method's own)."""
-
 NAMING = {"n_startup_trials": 4, "reduction_factor": 2, "grace_period": 1, "trials_per_batch": 4}
 # sweep fields that say where and how a sweep runs, not how it searches: never part of a method's name
 NOT_SEARCH = {"name", "num_samples", "max_concurrent_trials", "cpus_per_trial", "gpus_per_trial", "storage_path",

@@ -1,15 +1,31 @@
 """Syne Tune's schedulers on a table, in Syne Tune's own simulator (its Tuner with a blackbox simulator backend over
-the curves one replay seed sees): ASHA and BOHB-style ASHA with a model-based searcher, Syne Tune's defaults
-(reduction factor 3, one bracket, grace period 1, stopping-type ASHA) with max_t = max_epochs.
+the curves one replay seed sees), in either of two versions:
+
+- syne-tune 0.16.0 (the bench extra, this environment): `baselines.ASHA`, `BOHB`, `ASHACQR` and ASHA with a KDE per
+  rung, Syne Tune's defaults (reduction factor 3, one bracket, grace period 1, stopping-type ASHA);
+- syne-tune 0.14.2 (spec `legacy`: .venv-peers, bench/peers_venv.py, since it needs numpy < 1.27): its
+  `legacy_baselines`, which still hold the GP-based multi-fidelity methods that 0.16 removed: `HyperTune`, `MOBSTER`,
+  `DEHB` (synchronous), and `ASHA`, `BOHB` (a KDE at the largest rung with enough data, as Falkner et al.'s BOHB).
+
+Every scheduler gets max_t (DEHB: max_resource_level) = max_epochs and package defaults otherwise, except Hyper-Tune's
+`brackets`: its default, 1, would drop the bracket distribution it learns (Li et al., VLDB 2022), so it gets as many
+brackets as Syne Tune allows (one per rung level, plus one).
 
 What is ours, not Syne Tune's:
 - the trial: `Backend.config_objectives` gives each config the epochs the project's trainable would report (its
-  running best, ended by `train.patience`), with the cumulative `iter_s` as the elapsed time;
+  running best, ended by `train.patience`), with the cumulative `iter_s` as the elapsed time. A trial a scheduler
+  pauses and resumes (synchronous Hyperband's first bracket) resumes from its checkpoint, as lorahpo's trainable
+  does: Syne Tune's simulator reports only the epochs after the pause, so only those count; a config started again
+  as a new trial (DEHB's later brackets) reports, and pays, every epoch again;
 - decisions take no simulated time. Syne Tune's simulator adds the real seconds its scheduler computes to simulated
   time (realistic for a live run, but then a replay depends on the machine and its load: two runs of one seed on
   8 slots gave different trials). lorahpo's replay counts no time for decisions either, so the comparison is fair
-  and a replay is a function of its seed. This needs one private name of Syne Tune (`_zero_decision_time`);
+  and a replay is a function of its seed. This needs one private name of Syne Tune (`_zero_decision_time`, the same
+  in both versions);
 - the budget: the first B reports in simulated time (Syne Tune's Tuner hands results over in batches).
+
+Imports: only modules both versions have, and this environment's standard library, numpy and pandas, so that
+.venv-peers can import this file; version-specific classes are imported where they are used.
 """
 
 from __future__ import annotations
@@ -25,19 +41,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from asktell import Problem, trial_length, tuning_values
-from methods import Run
 from syne_tune import Tuner
 from syne_tune.backend.simulator_backend.simulator_callback import SimulatorCallback
 from syne_tune.backend.simulator_backend.time_keeper import SimulatedTimeKeeper
 from syne_tune.blackbox_repository.blackbox_tabular import BlackboxTabular
 from syne_tune.blackbox_repository.simulated_tabular_backend import UserBlackboxBackend
 from syne_tune.config_space import choice, randint
-from syne_tune.optimizer import baselines
-from syne_tune.optimizer.schedulers.asha import AsynchronousSuccessiveHalving
-from syne_tune.optimizer.schedulers.searchers.multi_fidelity_searcher import IndependentMultiFidelitySearcher
 from syne_tune.tuner_callback import TunerCallback
-from tables import Curves, native
+from trials import Curves, Problem, Run, native, trial_length, tuning_values
 
 logging.getLogger("syne_tune").setLevel(logging.ERROR)  # its start-up banner and per-trial lines, once per replay
 ELAPSED, EPOCH = "elapsed_s", "epoch"
@@ -52,7 +63,8 @@ class Clock(SimulatedTimeKeeper):
 
 
 def _zero_decision_time(backend: UserBlackboxBackend) -> None:
-    """The one private name used (syne-tune 0.16.0, tests/test_peers.py checks it): the backend's time keeper."""
+    """The one private name used (syne-tune 0.16.0 and 0.14.2, tests/test_peers.py checks both): the backend's time
+    keeper."""
     assert isinstance(backend._time_keeper, SimulatedTimeKeeper)
     backend._time_keeper = Clock()
 
@@ -91,7 +103,20 @@ def blackbox(p: Problem, curves: Curves) -> BlackboxTabular:
     return BlackboxTabular(hps, space, {EPOCH: randint(1, p.max_epochs)}, zeros, objectives_names=[p.metric, ELAPSED])
 
 
-def scheduler(name: str, space: dict[str, Any], p: Problem, seed: int) -> Any:
+def scheduler(spec: dict[str, Any], space: dict[str, Any], p: Problem, seed: int) -> Any:
+    name = spec["scheduler"]
+    if spec.get("legacy"):  # syne-tune 0.14.2
+        from syne_tune.optimizer import legacy_baselines
+
+        fidelity = {"max_resource_level" if name == "DEHB" else "max_t": p.max_epochs}
+        if name == "HyperTune":  # its default, 1 bracket, would leave out its learned bracket distribution
+            fidelity["brackets"] = p.max_epochs  # Syne Tune caps it at the number of rung levels + 1
+        return getattr(legacy_baselines, name)(space, metric=p.metric, resource_attr=EPOCH, mode=p.mode,
+                                               random_seed=seed, points_to_evaluate=p.points, **fidelity)  # fmt: skip
+    from syne_tune.optimizer import baselines
+    from syne_tune.optimizer.schedulers.asha import AsynchronousSuccessiveHalving
+    from syne_tune.optimizer.schedulers.searchers.multi_fidelity_searcher import IndependentMultiFidelitySearcher
+
     common = {"metric": p.metric, "do_minimize": p.mode == "min", "random_seed": seed}
     rungs = {"time_attr": EPOCH, "max_t": p.max_epochs, **common}
     if name == "kde per rung":  # a model per epoch, as Falkner et al.'s BOHB (Syne Tune's IndependentMultiFidelity)
@@ -102,14 +127,14 @@ def scheduler(name: str, space: dict[str, Any], p: Problem, seed: int) -> Any:
 
 def run(spec: dict[str, Any], p: Problem, curves: Curves, seed: int, slots: int) -> Run:
     bb = blackbox(p, curves)
-    np.random.seed(seed)  # ASHA draws each trial's bracket from numpy's global generator
+    np.random.seed(seed)  # ASHA draws brackets, the tabular backend its blackbox seeds, from numpy's global generator
     record = Record(list(p.space))
     folder, before = tempfile.mkdtemp(prefix="synetune_"), os.environ.get("SYNETUNE_FOLDER")
     os.environ["SYNETUNE_FOLDER"] = folder  # Syne Tune writes its results and metadata there
     try:
         tuner = Tuner(
             trial_backend=Backend(p, curves, bb),
-            scheduler=scheduler(spec["scheduler"], bb.configuration_space, p, seed),
+            scheduler=scheduler(spec, bb.configuration_space, p, seed),
             stop_criterion=lambda status: len(record.rows) >= p.budget,
             n_workers=slots,
             sleep_time=0,
@@ -126,6 +151,8 @@ def run(spec: dict[str, Any], p: Problem, curves: Curves, seed: int, slots: int)
             del os.environ["SYNETUNE_FOLDER"]
         else:
             os.environ["SYNETUNE_FOLDER"] = before
+    if len(record.rows) < p.budget:  # its searchers propose no config twice: a small space can run out
+        raise RuntimeError(f"Syne Tune {spec['scheduler']} ended after {len(record.rows)} of {p.budget} reports")
     rows = sorted(record.rows, key=lambda r: (r[0], r[1]))[: p.budget]
     started = sorted({r[1]: r[2] for r in record.rows}.items())
     numbers = {trial_id: i for i, (trial_id, _) in enumerate(started)}

@@ -56,13 +56,12 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from asktell import Problem
 from check import check_sweep, compare  # noqa: F401  (compare: tests)
 from common import DOCS_DIR, REPO_ROOT, machine, write_json
 from measures import NEVER, REFERENCE, fraction_to_reach, measures, quartiles  # noqa: F401
 from measures import running_best as best_so_far
 from methods import FIRST, METHODS, grid_values, method_name, replay_config, sweep_run, variants  # noqa: F401
-from peers import LEFT_OUT, PEERS, run_peer, source
+from peers import LEFT_OUT, PEERS, in_venv, left_out_note, run_peer, run_seeds, source
 from report import markdown, plot
 from tables import (  # noqa: F401  (lookup: tests)
     TABLES,
@@ -77,6 +76,7 @@ from tables import (  # noqa: F401  (lookup: tests)
     table_files,
     table_of,
 )
+from trials import Problem, Run
 
 from lorahpo.config import ExperimentConfig, apply_overrides, load_config, tuning_metric
 from lorahpo.errors import UserError
@@ -103,24 +103,23 @@ def _init(table: Table, problem: Problem) -> None:
     _CONTEXT.update(table=table, problem=problem)
 
 
-def _run(item: tuple[str, Any, int, int]) -> tuple[list[float], list[float], list[list], tuple[float, float]]:
+def _result(curves: Curves, run: Run, wall: float, cpu: float) -> tuple:
     """One method at one seed: its trial-epochs' values and costs in arrival order, its first trials, and the wall
     and CPU seconds the replay took."""
+    reports, started = run
+    epochs = [curves[key][epoch - 1] for _, key, epoch in reports]
+    return [e.value for e in epochs], [e.cost for e in epochs], [list(k) for k in started[:FIRST]], (wall, cpu)
+
+
+def _run(item: tuple[str, Any, int, int]) -> tuple:
     name, cfg, slots, seed = item
     start, cpu = time.perf_counter(), time.process_time()
     curves = _CONTEXT["table"].curves(seed)
     if cfg is None:
-        reports, started = run_peer(name, _CONTEXT["problem"], curves, seed, slots)
+        run = run_peer(name, _CONTEXT["problem"], curves, seed, slots)
     else:
-        reports, started = sweep_run(apply_overrides(cfg, {"seed": seed}), curves, slots, _CONTEXT["problem"].budget)
-    epochs = [curves[key][epoch - 1] for _, key, epoch in reports]
-    firsts = [list(k) for k in started[:FIRST]]
-    return (
-        [e.value for e in epochs],
-        [e.cost for e in epochs],
-        firsts,
-        (time.perf_counter() - start, time.process_time() - cpu),
-    )
+        run = sweep_run(apply_overrides(cfg, {"seed": seed}), curves, slots, _CONTEXT["problem"].budget)
+    return _result(curves, run, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def replay(
@@ -145,7 +144,7 @@ def replay(
     for name in PEERS:
         sources[name] = source(name)
         if sources[name] is None:
-            left_out[name] = f"{PEERS[name][0]} is not installed: pip install -e '.[bench]'"
+            left_out[name] = left_out_note(name)
     chosen = [*own, *(p for p in PEERS if peers and sources[p])] if methods is None else [REFERENCE, *methods]
     chosen = list(dict.fromkeys(chosen))
     unknown = [m for m in chosen if m not in sources]
@@ -157,15 +156,22 @@ def replay(
     budget = trials * max_epochs
     problem = Problem(grid, list(cfg.sweep.points_to_evaluate), max_epochs, base.train.patience, base.train.mode,
                       tuning_metric(cfg), budget)  # fmt: skip
-    work = [(m, *(own[m] if m in own else (None, slots or 1)), s) for m in chosen for s in seeds]
+    here = [m for m in chosen if m not in PEERS or not in_venv(m)]
+    work = [(m, *(own[m] if m in own else (None, slots or 1)), s) for m in here for s in seeds]
     if jobs > 1:
         with ProcessPoolExecutor(jobs, initializer=_init, initargs=(table, problem)) as pool:
             results = list(pool.map(_run, work, chunksize=max(1, len(work) // (4 * jobs))))
     else:
         _init(table, problem)
         results = [_run(w) for w in work]
+    per = {m: results[i * len(seeds) : (i + 1) * len(seeds)] for i, m in enumerate(here)}
+    seed_curves = {s: table.curves(s) for s in seeds}
+    for m in chosen:  # the peers in .venv-peers: one process per chunk of seeds, `jobs` at once
+        if m not in per:
+            runs = run_seeds(m, problem, seed_curves, slots or 1, jobs)
+            per[m] = [_result(seed_curves[s], *runs[s]) for s in seeds]
+    per = {m: per[m] for m in chosen}
     sign = 1.0 if base.train.mode == "max" else -1.0
-    per = {m: results[i * len(seeds) : (i + 1) * len(seeds)] for i, m in enumerate(chosen)}
     curves = {m: [best_so_far(values, sign) for values, *_ in runs] for m, runs in per.items()}
     seed_best = [sign * max(sign * e.value for c in table.curves(s).values() for e in c) for s in seeds]
     out = measures(curves, seed_best, sign, {m: [r[1] for r in runs] for m, runs in per.items()})

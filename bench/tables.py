@@ -17,11 +17,12 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from common import BENCH_DIR, DOCS_DIR, REPO_ROOT
+from trials import Curves, Epoch, native
 
 from lorahpo.config import load_config
 from lorahpo.errors import UserError
@@ -44,27 +45,6 @@ TABLES = {
     "assistant": Bundled(DOCS_DIR / "tabulate_assistant" / "assistant_grid.parquet", BENCH_DIR / "assistant_grid.yaml",
                          REPO_ROOT / "configs" / "assistant.yaml"),
 }  # fmt: skip
-
-
-class Epoch(NamedTuple):
-    """One epoch of one config, as a replay uses it."""
-
-    value: float
-    """The tuning metric's base value (e.g. val_f1) after the epoch."""
-    seconds: float
-    """`iter_s`: the epoch's simulated duration (model build in epoch 1, checkpoint and report in every epoch)."""
-    cost: float
-    """`epoch_time_s` (training + validation; `iter_s` where a table lacks it): what the epoch costs in training
-    seconds."""
-
-
-Curves = dict[tuple, list[Epoch]]
-"""Grid values (in the table's `param.*` column order) -> epochs 1..max_epochs: what one replay seed sees."""
-
-
-def native(v: Any) -> Any:
-    """A table value as the config holds it (numpy scalars -> Python; whole floats of an int column stay ints)."""
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def resolve(table: str) -> tuple[Path, Bundled | None]:

@@ -20,6 +20,8 @@ from lorahpo.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import measures  # noqa: E402
+import peers  # noqa: E402
+import peers_venv  # noqa: E402
 import replay  # noqa: E402
 import tables  # noqa: E402
 
@@ -178,16 +180,42 @@ def test_list_tables_and_a_table_by_name(tmp_path: Path) -> None:
 
     out = tmp_path / "r"
     args = ["--table", "intents", "--seeds", "0-1", "--slots", "8", "--trials", "2", "--jobs", "1", "--out", str(out)]
-    proc = subprocess.run([*script, *args, "--methods", "optuna tpe+sha"], capture_output=True, text=True, timeout=300)
+    # dehb runs in .venv-peers where there is one (CI makes it): through the same CLI, as a subprocess
+    venv = ["dehb"] if peers.source("dehb") else []
+    proc = subprocess.run([*script, *args, "--methods", "optuna tpe+sha", *venv], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["slots"] == 8 and res["table"] == "intents" and res["config"].endswith("configs/intents.yaml")
     assert res["default"] == "tpe+asha startup=2 rf=8 det1"  # intents.yaml's settings; no @8: every method has 8
-    assert list(res["methods"]) == ["random+fifo", "optuna tpe+sha"]
+    assert list(res["methods"]) == ["random+fifo", "optuna tpe+sha", *venv]
     import optuna
 
     assert res["methods"]["random+fifo"]["source"] == "lorahpo"
     assert res["methods"]["optuna tpe+sha"]["source"] == f"optuna=={optuna.__version__}"
-    assert "numpy<2.0" in res["left_out"]["dehb"]  # not installable next to the project's pins
+    if venv:
+        assert res["methods"]["dehb"]["source"] == "dehb==0.1.2" and "dehb" not in res["left_out"]
+        assert res["first_trials"]["dehb"][0][0] == res["first_trials"]["random+fifo"][0][0]  # the baseline first
     proc = subprocess.run([*script, "--table", "nope"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --table 'nope'") and proc.stderr.count("\n") == 1
+
+
+def test_venv_peers_are_left_out_without_their_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without .venv-peers (here: pointed at a folder that does not exist), the replay runs everything else and lists
+    syne-tune 0.14.2's and dehb's peers in `left_out`, each with the reason and the command that creates it; asking
+    for one by name is a one-line error with the same note."""
+    path = two_seed_files(tmp_path)
+    monkeypatch.setattr(peers_venv, "VENV", tmp_path / "absent" / ".venv-peers")
+    df = tables.load_table(path, "val_f1", root_seed=42)
+    base = apply_overrides(INTENTS, {"train.max_epochs": 1, "train.patience": 1, "sweep.points_to_evaluate": []})
+    res = replay.replay(base, df, [0], 3, methods=[])
+    names = ["syne-tune 0.14 hypertune", "syne-tune 0.14 mobster", "syne-tune 0.14 dehb", "syne-tune 0.14 bohb",
+             "syne-tune 0.14 asha", "dehb"]  # fmt: skip
+    assert [n for n in peers.PEERS if peers.in_venv(n)] == names
+    for name in names:
+        package = "dehb" if name == "dehb" else "syne-tune"
+        assert res["left_out"][name] == (f"{package} runs in its own environment .venv-peers (it needs numpy < 2), "
+                                         "which is not there: make bench-peers")  # fmt: skip
+    assert list(res["methods"]) == ["random+fifo"]
+    with pytest.raises(UserError, match=r"^\['dehb'\]: dehb runs in its own environment .* make bench-peers$"):
+        replay.replay(base, df, [0], 3, methods=["dehb"])

@@ -1,15 +1,44 @@
-"""What every peer shares (bench/peers.py): the problem it is given, the trial as the project's trainable runs it,
-and a driver for ask/tell packages in simulated time, with Optuna's adapter on it."""
+"""What a replayed trial is, shared by lorahpo's methods and every peer: an epoch of the table, a seed's curves, the
+problem a peer is given, the trial as the project's trainable runs it, and a driver for ask/tell packages in simulated
+time.
+
+Standard library and numpy only: the peers' own environment (.venv-peers, bench/peers_venv.py) imports this module
+too, with other versions of everything, so nothing here may need lorahpo or pandas.
+"""
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from methods import Run
-from tables import Curves, Epoch
+import numpy as np
+
+
+class Epoch(NamedTuple):
+    """One epoch of one config, as a replay uses it."""
+
+    value: float
+    """The tuning metric's base value (e.g. val_f1) after the epoch."""
+    seconds: float
+    """`iter_s`: the epoch's simulated duration (model build in epoch 1, checkpoint and report in every epoch)."""
+    cost: float
+    """`epoch_time_s` (training + validation; `iter_s` where a table lacks it): what the epoch costs in training
+    seconds."""
+
+
+Curves = dict[tuple, list[Epoch]]
+"""Grid values (in the table's `param.*` column order) -> epochs 1..max_epochs: what one replay seed sees."""
+
+Run = tuple[list[tuple[int, tuple, int]], list[tuple]]
+"""One method at one seed: its first B epoch reports in arrival order, each (trial number, grid values, epoch), and
+the grid values of its trials in the order they started (trial numbers are the method's own)."""
+
+
+def native(v: Any) -> Any:
+    """A table value as the config holds it (numpy scalars -> Python; whole floats of an int column stay ints)."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 @dataclass(frozen=True)
@@ -83,35 +112,3 @@ def asktell(start: Start, report: Report, curves: Curves, p: Problem, slots: int
             if len(reports) < p.budget:
                 launch()
     return reports, started
-
-
-def optuna_run(spec: dict[str, Any], p: Problem, curves: Curves, seed: int, slots: int) -> Run:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-               "gp": lambda: optuna.samplers.GPSampler(seed=seed)}[spec["sampler"]]()  # fmt: skip
-    pruner = {"none": optuna.pruners.NopPruner,
-              "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1),
-              "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=p.max_epochs)}[
-        spec["pruner"]]()  # fmt: skip
-    # a fixed name: HyperbandPruner assigns a trial's bracket from a hash of the study name and trial number
-    study = optuna.create_study(study_name="replay", direction=f"{p.mode}imize", sampler=sampler, pruner=pruner)
-    for point in p.points:
-        study.enqueue_trial(point)
-    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in p.space.items()}
-
-    def start() -> tuple[Any, tuple]:
-        trial = study.ask(dists)
-        return trial, tuple(trial.params[k] for k in p.space)
-
-    def report(trial: Any, epoch: int, value: float, last: bool) -> bool:
-        trial.report(value, epoch)
-        if trial.should_prune():
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return False
-        if last:
-            study.tell(trial, value)
-        return True
-
-    return asktell(start, report, curves, p, slots)
