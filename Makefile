@@ -32,7 +32,7 @@ test-fast: install        ## unit tiers only
 .venv-peers/.installed: bench/peers-lock.txt bench/peers_env.sh
 	bash bench/peers_env.sh .venv-peers
 
-bench-peers: .venv-peers/.installed  ## the peers' own environment for bench/replay.py (about 2 minutes)
+bench-peers: .venv-peers/.installed  ## the peers' own environment for bench/replay.py (67-77 s here)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -3,7 +3,7 @@
 # (syne-tune 0.14.2 requires numpy < 1.27, dehb 0.1.2 numpy < 2; the project pins numpy 2.4.6). bench/replay.py runs
 # them in it as a subprocess (bench/peers_venv.py); lorahpo never imports them. Bench only: `make bench-peers`.
 #
-#   bash bench/peers_env.sh [DIR]        # DIR defaults to .venv-peers; about 2 minutes with downloads
+#   bash bench/peers_env.sh [DIR]        # DIR defaults to .venv-peers; 67-77 s here, downloads included
 #
 # The versions are bench/peers-lock.txt (its header says how it was made); Python 3.11 (python3.11, or $PYTHON311).
 # `.installed` is written last: bench/peers_venv.py ignores an environment whose creation did not finish.

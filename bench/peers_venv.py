@@ -30,7 +30,7 @@ from trials import Curves, Epoch, Problem, Run
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV = REPO_ROOT / ".venv-peers"
 PYTHON = VENV / "bin" / "python"
-CREATE = "make bench-peers"  # bench/peers_env.sh: about 2 minutes with downloads
+CREATE = "make bench-peers"  # bench/peers_env.sh: 67-77 s here, downloads included
 
 
 def version(package: str) -> str | None:
