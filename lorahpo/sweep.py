@@ -165,7 +165,7 @@ def run(
             upload({"manifest.json": json.dumps(meta, indent=2, default=str)}, exp, fs)
             if extend:
                 upload({"config.yaml": config_yaml(cfg)}, exp, fs)
-            tuner = restore_tuner(cfg, data, prefix)
+            tuner = restore_tuner(cfg, data, prefix, retry=not extend)  # a finished sweep's failures stand
         else:
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
             meta["prefix_cache"] = cache_info

@@ -206,14 +206,15 @@ def make_tuner(
     return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> tune.Tuner:
-    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
-    searcher's state (TPE's history) restored so no trial runs twice. With more trials than the sweep started with
-    (--extend, or --resume of an extension), the restored search runs on to `sweep.num_samples`."""
+def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, retry: bool = True) -> tune.Tuner:
+    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint (and, with
+    `retry`, failed ones), the searcher's state (TPE's history) restored so no trial runs twice. With more trials than
+    the sweep started with (--extend, or --resume of an extension), the restored search runs on to
+    `sweep.num_samples`."""
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
     tuner = tune.Tuner.restore(
-        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=retry, storage_filesystem=fs
     )
     tc = restored_tune_config(tuner)
     if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
