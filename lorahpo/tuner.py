@@ -214,7 +214,11 @@ def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, ret
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
     tuner = tune.Tuner.restore(
-        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=retry, storage_filesystem=fs
+        path,
+        trainable=trainable(cfg, data, prefix),
+        resume_unfinished=True,
+        resume_errored=retry,
+        storage_filesystem=fs,
     )
     tc = restored_tune_config(tuner)
     if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
