@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +25,7 @@ from lorahpo.owner import hold
 from lorahpo.repro import manifest
 from lorahpo.sources import load_tokenizer
 
-from .conftest import DET_SWEEP, tiny_args, tiny_config
+from .conftest import DELAYS_ENV, DET_SWEEP, cli, cli_background, sweep_record, tiny_args, tiny_config, wait_for
 
 NAME = "ext"
 
@@ -164,3 +167,75 @@ def test_grown_search_runs_on_past_a_restored_finished_state() -> None:
     grown.set_state(dict(state))
     assert not grown.is_finished() and grown.total_samples == 6
     assert isinstance(grown.searcher, ConcurrencyLimiter) and grown.searcher.max_concurrent == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end
+
+# A worker handed to the next trial (sweep.reuse_actors) must see its last trial's thread end within Tune's default 2 s,
+# else that trial fails ("reset_config() ... return True"); on a loaded test machine it may not. Not what these tests
+# are about: they give it a minute.
+SLOW_HOST_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60", "RAY_DEDUP_LOGS": "0"}
+
+
+def trial_files(exp: Path, first: int) -> dict[str, bytes]:
+    """Each of the first `first` trials' per-epoch rows, as written."""
+    return {
+        p.parent.name: p.read_bytes() for n in range(1, first + 1) for p in exp.glob(f"trial_{n:03d}_*/progress.csv")
+    }
+
+
+@pytest.mark.slow
+def test_extended_sweep_equals_the_sweep_of_that_size(det_reference: dict, tmp_path: Path, procs: list) -> None:
+    """The deterministic reference sweep's first 4 trials at 2 slots, then --extend to its 6: the reference's study,
+    per-epoch rows, stop reasons, best trial and test score; the first 4 trials untouched; the manifest records the
+    extension and the summary says the test split was scored twice. Then the same 4-trial sweep, extended again but
+    its driver SIGKILLed after trial 5 has finished (trial 6 held back), continued with --resume sweep.num_samples=6:
+    the reference again."""
+    reference = det_reference["record"]
+    run = cli(det_args(tmp_path, 4), env=SLOW_HOST_ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    exp = tmp_path / NAME
+    shutil.copytree(exp, tmp_path / "saved", symlinks=True)  # for the killed extension, at this same path
+    first = trial_files(exp, 4)
+    assert len(first) == 4
+
+    run = cli(["--extend", *det_args(tmp_path, 6)], env=SLOW_HOST_ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sweep_record(lambda rel: (exp / rel).read_bytes()) == reference
+    assert trial_files(exp, 4) == first  # earlier trials (and their stop decisions) stand, none re-run
+    meta = json.loads((exp / "manifest.json").read_text())
+    [entry] = meta["extensions"]
+    assert (entry["from"], entry["to"], entry["flag"]) == (4, 6, "--extend") and {"at", "git", "versions"} <= set(entry)
+    assert meta["summary"]["test_scored"] == 2 and "config" in meta  # the original record is kept
+    assert "scored 2 times" in (exp / "summary.md").read_text()
+    assert "num_samples: 6" in (exp / "config.yaml").read_text()  # a killed extension continues with --resume
+
+    shutil.move(exp, tmp_path / "extended")
+    shutil.move(tmp_path / "saved", exp)
+    gate, log = tmp_path / "go6", tmp_path / "extend.log"
+    env = {**SLOW_HOST_ENV, DELAYS_ENV: json.dumps({"6": [str(gate), 0]})}
+    proc = cli_background(["--extend", *det_args(tmp_path, 6)], log, env=env)
+    procs.append(proc)
+
+    def trial5_done() -> bool:
+        text = log.read_text()
+        ids = [p.name.split("_")[2] for p in exp.glob("trial_005_*")]
+        return "test delay: trial_006" in text and any(f"trial_with_env_{i} completed after" in text for i in ids)
+
+    wait_for(trial5_done, timeout=600, what="trial 5 of the extension finished, trial 6 waiting")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert "num_samples: 6" in (exp / "config.yaml").read_text()
+    stored = json.loads((exp / "summary.json").read_text())
+    assert stored["num_trials"] == 4  # the results are still the 4-trial sweep's
+
+    run = cli(["--resume", *det_args(tmp_path, 6)], env=SLOW_HOST_ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sweep_record(lambda rel: (exp / rel).read_bytes()) == reference
+    meta = json.loads((exp / "manifest.json").read_text())
+    assert [e["to"] for e in meta["extensions"]] == [6] and [r["flag"] for r in meta["resumes"]] == [
+        "--extend",
+        "--resume",
+    ]
+    assert meta["summary"]["test_scored"] == 2
