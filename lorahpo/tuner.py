@@ -18,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from lorahpo.compat import grown_search, restored_tune_config
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
@@ -205,23 +206,29 @@ def make_tuner(
     return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> tune.Tuner:
-    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
-    searcher's state (TPE's history) restored so no trial runs twice."""
+def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, retry: bool = True) -> tune.Tuner:
+    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint (and, with
+    `retry`, failed ones), the searcher's state (TPE's history) restored so no trial runs twice. With more trials than
+    the sweep started with (--extend, or --resume of an extension), the restored search runs on to
+    `sweep.num_samples`."""
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
     tuner = tune.Tuner.restore(
-        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        path,
+        trainable=trainable(cfg, data, prefix),
+        resume_unfinished=True,
+        resume_errored=retry,
+        storage_filesystem=fs,
     )
+    tc = restored_tune_config(tuner)
     if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
-        restored_tune_config(tuner).max_concurrent_trials = cfg.sweep.max_concurrent_trials
+        tc.max_concurrent_trials = cfg.sweep.max_concurrent_trials
+        # the pickled searcher stops at the first run's num_samples (the checks let nothing else it reads change)
+        tc.search_alg.cfg = cfg
+    if cfg.sweep.num_samples != tc.num_samples:  # tuner.pkl keeps the first run's TuneConfig
+        tc.search_alg = grown_search(tc.search_alg, tc.max_concurrent_trials, cfg.sweep.num_samples)
+        tc.max_concurrent_trials = None  # the limiter is in place; Tune would only warn that it ignores it
     return tuner
-
-
-def restored_tune_config(tuner: tune.Tuner) -> tune.TuneConfig:
-    """The TuneConfig a restored Tuner runs with: the one pickled when the sweep started (Tune has no public way to
-    change it on restore; tests/test_tuner.py checks this attribute path still holds it)."""
-    return tuner._local_tuner._tune_config
 
 
 def describe(cfg: ExperimentConfig) -> dict[str, Any]:

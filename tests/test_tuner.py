@@ -7,9 +7,10 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from lorahpo.compat import restored_tune_config
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
 from lorahpo.space import optuna_space
-from lorahpo.tuner import describe, make_scheduler, make_searcher, restored_tune_config, trial_dirname
+from lorahpo.tuner import describe, make_scheduler, make_searcher, trial_dirname
 
 from .conftest import tiny_config
 
