@@ -128,6 +128,10 @@ def trial_with_env(
     params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str], prefix: Any = None
 ) -> None:
     os.environ.update(env)  # before the trial loads a model
+    # Tune hands a worker to the next trial only if the last trial's thread ended within TUNE_FUNCTION_THREAD_TIMEOUT_S
+    # (2 s by default), else that next trial FAILS ("reset_config() ... return True"); on a busy machine a trial's end
+    # (its last checkpoint, its memory freed) takes longer. Set here, in the worker, where Tune reads it.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
     if os.environ.get(TEST_DELAYS_ENV):
         injected_wait(tune.get_context().get_trial_dir(), resuming=tune.get_checkpoint() is not None)
     tune_trial(params, base, data, prefix)
