@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13" || echo "torch==2.13.0")
 ARGS  ?=
 
-.PHONY: install sweep test test-fast lint format clean
+.PHONY: install sweep test test-fast lint format clean bench-peers
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ test: install             ## every test tier: config, unit, end-to-end sweeps, c
 test-fast: install        ## unit tiers only
 	$(PY) -m pytest -q -m "not slow and not cluster" $(ARGS)
 
+# The peer methods that need numpy < 2 (syne-tune 0.14.2, dehb 0.1.2) in their own environment, .venv-peers
+# (bench/peers_env.sh, bench/peers-lock.txt): bench/replay.py runs them as a subprocess; lorahpo never imports them.
+.venv-peers/.installed: bench/peers-lock.txt bench/peers_env.sh
+	bash bench/peers_env.sh .venv-peers
+
+bench-peers: .venv-peers/.installed  ## the peers' own environment for bench/replay.py (67-77 s here)
+
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -34,4 +41,4 @@ format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers .pytest_cache .ruff_cache

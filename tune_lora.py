@@ -1,6 +1,7 @@
 """Tune LoRA adapters of a Llama-family sequence classifier: seeded TPE (Optuna) + ASHA on Ray Tune.
 
-    python tune_lora.py [--config PATH] [--resume | --overwrite | --final] [--dry-run] [--address ADDR] [KEY=VALUE ...]
+    python tune_lora.py [--config PATH] [--resume | --overwrite | --final | --extend] [--dry-run] [--address ADDR]
+                        [KEY=VALUE ...]
 
 parse -> load_config -> sweep.prepare -> [--dry-run: print the plan] -> sweep.run -> print the summary.
 --final: parse -> load_config -> sweep.prepare_final -> [--dry-run: print its plan] -> sweep.run_final -> summary.
@@ -36,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the final evaluation of the finished sweep of the same name and storage: its best config and baseline "
         "re-trained with final.seeds fresh seeds each, scored on the test split (only final.* may differ)",
     )
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="more trials for the finished sweep of the same name and storage: its config with a larger "
+        "sweep.num_samples; its trials stand, the new ones run with the search's state, then results are written anew",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start locally)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=3e-4")
@@ -62,20 +69,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
-        if args.final and (args.resume or args.overwrite):
-            raise UserError("--final evaluates a finished sweep; it takes neither --resume nor --overwrite")
+        if args.final and (args.resume or args.overwrite or args.extend):
+            raise UserError("--final evaluates a finished sweep; it takes neither --resume, --overwrite nor --extend")
+        if args.extend and (args.resume or args.overwrite):
+            raise UserError(
+                "--extend continues a finished sweep; it takes neither --resume (an unfinished sweep or extension: "
+                "--resume alone) nor --overwrite"
+            )
         address = args.address or os.environ.get("RAY_ADDRESS")
         if args.final:
             data, plan = sweep.prepare_final(cfg, address, dry_run=args.dry_run)
         else:
-            data, plan = sweep.prepare(cfg, args.resume, args.overwrite, address, dry_run=args.dry_run)
+            data, plan = sweep.prepare(cfg, args.resume, args.overwrite, address, args.dry_run, args.extend)
         if args.dry_run:
             print(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None, width=120))
             return 0
         if args.final:
             summary = sweep.run_final(cfg, data, plan, address)
         else:
-            summary = sweep.run(cfg, data, plan, address, args.resume, args.overwrite)
+            summary = sweep.run(cfg, data, plan, address, args.resume, args.overwrite, args.extend)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

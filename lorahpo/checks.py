@@ -168,8 +168,7 @@ def check_same_config(cfg: ExperimentConfig, stored_yaml: str | bytes | None, wh
             f"--resume: {where} has no config.yaml; it was not started by tune_lora.py and cannot be resumed"
         )
     stored = stored_config(stored_yaml, where, "--resume")
-    both = stored.sweep.deterministic and cfg.sweep.deterministic
-    diff = config_diff(stored, cfg, ignore=(DETERMINISTIC_RELOCATABLE if both else RELOCATABLE) | FINAL_KEYS)
+    diff = config_diff(stored, cfg, ignore=relocatable(cfg) | FINAL_KEYS)
     if diff:
         raise UserError(
             f"--resume with a config that differs from the interrupted sweep's ({'; '.join(diff)}); resume with "
@@ -180,34 +179,78 @@ def check_same_config(cfg: ExperimentConfig, stored_yaml: str | bytes | None, wh
 def check_finished(cfg: ExperimentConfig) -> None:
     """--final: a finished sweep at the address (`sweep.storage_path` + `sweep.name`, as --resume addresses one), whose
     config is this one except for `final.*`, with a best trial to evaluate, and no live driver on it."""
-    path, fs = experiment_dir(cfg)
-    where = display(cfg, experiment=True)
     if cfg.final.seeds < 1:
         raise UserError("--final needs final.seeds >= 1 (fresh seeds per config), e.g. final.seeds=3")
-    check_free(cfg, "--final")
-    stored = read_bytes(fs, f"{path}/config.yaml")
-    if stored is None:
+    fix = "change only final.seeds or final.baseline"
+    _, summary = finished_sweep(cfg, "--final", RELOCATABLE | FINAL_KEYS, "final.*", fix)
+    if summary["best_trial"] is None:
+        where = display(cfg, experiment=True)
+        raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
+
+
+def check_extend(cfg: ExperimentConfig) -> int:
+    """--extend: a finished sweep at the address with fewer trials than `sweep.num_samples`, whose config is this one
+    except for `sweep.num_samples`, the relocatable keys and `final.*`, and no live driver on it. Returns how many
+    trials it has run."""
+    ignore = relocatable(cfg) | FINAL_KEYS | {"sweep.num_samples"}
+    _, summary = finished_sweep(cfg, "--extend", ignore, "sweep.num_samples and final.*", "a larger sweep.num_samples")
+    ran = summary["num_trials"]
+    if cfg.sweep.num_samples <= ran:
         raise UserError(
-            f"--final: no sweep named {cfg.sweep.name!r} at {where}; check sweep.name and sweep.storage_path"
+            f"--extend: sweep.num_samples={cfg.sweep.num_samples} is not more than the {ran} trials the sweep at "
+            f"{display(cfg, experiment=True)} has run; pass sweep.num_samples={ran + 1} or more"
         )
-    diff = config_diff(stored_config(stored, where, "--final"), cfg, ignore=RELOCATABLE | FINAL_KEYS)
+    return ran
+
+
+def finished_sweep(
+    cfg: ExperimentConfig, flag: str, ignore: set[str], allowed: str, fix: str
+) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """--final, --extend: the stored config and summary of the finished sweep at the address, with no live driver on
+    it. A config that differs in a key outside `ignore` (`allowed` names those the user may change, `fix` what to do),
+    a sweep that has not finished (or whose extension has not), or files lorahpo did not write are one line."""
+    path, fs = experiment_dir(cfg)
+    where = display(cfg, experiment=True)
+    check_free(cfg, flag)
+    text = read_bytes(fs, f"{path}/config.yaml")
+    if text is None:
+        raise UserError(
+            f"{flag}: no sweep named {cfg.sweep.name!r} at {where}; check sweep.name and sweep.storage_path"
+        )
+    stored = stored_config(text, where, flag)
+    diff = config_diff(stored, cfg, ignore=ignore)
     if diff:
         raise UserError(
-            f"--final with a config that differs from the sweep's in more than final.* ({'; '.join(diff)}); pass the "
-            f"sweep's config (saved as {where}/config.yaml) and change only final.seeds or final.baseline"
+            f"{flag} with a config that differs from the sweep's in more than {allowed} ({'; '.join(diff)}); pass the "
+            f"sweep's config (saved as {where}/config.yaml) and {fix}"
         )
     summary = read_bytes(fs, f"{path}/summary.json")
     if summary is None:
-        raise UserError(f"--final: the sweep at {where} has not finished (no summary.json); finish it with --resume")
+        raise UserError(f"{flag}: the sweep at {where} has not finished (no summary.json); finish it with --resume")
     try:
         summary = json.loads(summary)
     except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting deeper than Python's stack
         summary = None
     best = summary.get("best_trial") if isinstance(summary, dict) else None
-    if not isinstance(summary, dict) or (best is not None and not isinstance(summary.get("best_params"), dict)):
-        raise UserError(f"--final: {where}/summary.json is not a summary lorahpo wrote; restore it, or --resume")
-    if best is None:
-        raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
+    if (
+        not isinstance(summary, dict)
+        or (best is not None and not isinstance(summary.get("best_params"), dict))
+        or type(summary.get("num_trials", 0)) is not int
+    ):
+        raise UserError(f"{flag}: {where}/summary.json is not a summary lorahpo wrote; restore it, or --resume")
+    summary.setdefault("num_trials", stored.sweep.num_samples)  # a summary lorahpo wrote has it; tests' may not
+    if summary["num_trials"] < stored.sweep.num_samples:  # the results are those of the sweep before an extension
+        raise UserError(
+            f"{flag}: the sweep at {where} was extended to {stored.sweep.num_samples} trials and has results of "
+            f"{summary['num_trials']}; finish the extension first with --resume sweep.num_samples="
+            f"{stored.sweep.num_samples}"
+        )
+    return stored, summary
+
+
+def relocatable(cfg: ExperimentConfig) -> set[str]:
+    """The keys a continued sweep may change without changing its trials."""
+    return DETERMINISTIC_RELOCATABLE if cfg.sweep.deterministic else RELOCATABLE
 
 
 def check_dtype(cfg: ExperimentConfig, cpu_bf16: bool, cuda_bf16: list[bool]) -> None:

@@ -1,12 +1,14 @@
 """The only place lorahpo reaches into another library's private API: one small function per hook, each where the
-library offers no public way, each checked by tests/test_compat.py, which names the library and its version when the
-hook is gone. pyproject.toml bounds these libraries' versions to those the tests passed with."""
+library offers no public way, each checked by a test that names the library and its version when the hook is gone
+(tests/test_compat.py, tests/test_extend.py). pyproject.toml bounds these libraries' versions to those the tests passed
+with."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 
 def park_trial(tune_controller: Any, trial: Any, status: str) -> None:
@@ -21,3 +23,19 @@ def restored_tune_config(tuner: tune.Tuner) -> tune.TuneConfig:
     """The TuneConfig a restored Tuner runs with: the one pickled when the sweep started. --resume of a deterministic
     sweep may run more or fewer trials at once, and `Tuner.restore` takes no TuneConfig."""
     return tuner._local_tuner._tune_config
+
+
+def grown_search(searcher: Searcher, max_concurrent: int, num_samples: int) -> SearchGenerator:
+    """The search of a restored experiment, wrapped as Tune wraps a Searcher (a ConcurrencyLimiter in a
+    SearchGenerator, so the saved state fits it), that runs until `num_samples` trials exist. Tune restores the trial
+    count and the finished flag of the SearchGenerator's saved state and ignores TuneConfig.num_samples on restore:
+    a finished experiment would stay finished (restoring a finished run with more samples is not supported)."""
+    search = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent))
+    restore = search.set_state
+
+    def set_state(state: dict[str, Any]) -> None:
+        restore(state)
+        search._total_samples, search._finished = num_samples, False
+
+    search.set_state = set_state  # type: ignore[method-assign]
+    return search

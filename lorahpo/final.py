@@ -45,7 +45,7 @@ from lorahpo.stats import (
 )
 from lorahpo.storage import display, experiment_dir, read_text, trial_name, upload
 from lorahpo.trainable import score_test
-from lorahpo.tuner import FORWARDED_ENV, StorageWatch, trial_with_env
+from lorahpo.tuner import StorageWatch, forwarded_env, trial_with_env
 
 ROLES = ("tuned", "baseline")
 # The final runs' own stream of seeds from the root seed (numpy's SeedSequence: independent streams per spawn key),
@@ -146,7 +146,7 @@ def run_dirname(trial: Any) -> str:
 
 
 def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env = forwarded_env()
     fn = tune.with_parameters(final_trial, base=cfg, data=data, env=env)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
 

@@ -315,7 +315,7 @@ def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
         f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"
         f"- best trial `{s['best_trial']}`: {s['metric']} = {s['best_value']:.4f} "
         f"(epoch {s['best_epoch']})\n"
-        f"- test split ({s['test_size']} examples, scored once): {test}\n"
+        f"- test split ({s['test_size']} examples, {scored_times(s)}): {test}\n"
         + "".join(f"- {line}\n" for line in best_lines(s))
         + f"\n| param | best value |\n|---|---|\n{params}\n"
         + final_markdown(s)
@@ -397,6 +397,12 @@ def final_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scored_times(s: dict[str, Any]) -> str:
+    """How often the test split has been looked at: once per finalisation (the sweep, then each --extend)."""
+    k = s.get("test_scored", 1)
+    return "scored once" if k == 1 else f"scored {k} times: once per finalisation, the sweep's and each extension's"
+
+
 def print_summary(s: dict[str, Any]) -> None:
     print(f"\nResults: {s['experiment']}")
     print(f"  best trial {s['best_trial']}: {s['metric']} = {s['best_value']:.4f}")
@@ -405,7 +411,7 @@ def print_summary(s: dict[str, Any]) -> None:
         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items())
     )
     if s["test"]:
-        print("  test split: " + ", ".join(f"{k} {v:.4f}" for k, v in s["test"].items()))
+        print(f"  test split ({scored_times(s)}): " + ", ".join(f"{k} {v:.4f}" for k, v in s["test"].items()))
     for line in best_lines(s):
         print(f"  {line}")
     print(f"  {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}")

@@ -35,6 +35,7 @@ from lorahpo.checks import (
     check_cluster,
     check_dtype,
     check_experiment,
+    check_extend,
     check_finished,
     check_model_fit,
     check_points,
@@ -86,18 +87,20 @@ def prepare(
     overwrite: bool = False,
     address: str | None = None,
     dry_run: bool = False,
+    extend: bool = False,
 ) -> tuple[TaskData, dict[str, Any]]:
     """Validate everything and tokenize the data once; return the data and the plan (--dry-run prints it).
     Without `address` the sweep starts its own Ray on this machine, whose resources can be checked now; a dry run
-    with `address` asks the cluster."""
+    with `address` asks the cluster. `extend`: more trials for the finished sweep (its first N stand)."""
     check_points(cfg)
     check_storage(cfg)  # first of the storage checks: everything after it reads the storage path
     check_loggers(cfg)  # a named tracker that is not installed: one line now, not a crash mid-sweep
-    check_experiment(cfg, resume, overwrite)
+    ran = check_extend(cfg) if extend else check_experiment(cfg, resume, overwrite)
     data = _check_and_load(cfg, address, dry_run)
-    if resume:
+    if resume or extend:
         exp, fs = experiment_dir(cfg)
-        check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True))
+        flag = "--extend" if extend else "--resume"
+        check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True), flag)
     plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg), "data": data.info}
     prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
     plan["prefix_cache"] = (
@@ -106,6 +109,9 @@ def prepare(
         if prefix is not None
         else "off"
     )
+    if extend:  # trial numbers as the trial directories carry them (trial_<n>_<id>), from 1
+        new = list(range(ran + 1, cfg.sweep.num_samples + 1))
+        plan["extend"] = {"from": ran, "to": cfg.sweep.num_samples, "new_trials": new}
     return data, {**plan, "resume": resume, "overwrite": overwrite}
 
 
@@ -131,8 +137,9 @@ def run(
     address: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    extend: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the sweep on a local or existing Ray cluster, then finalise it; returns the summary."""
+    """Run (resume, extend) the sweep on a local or existing Ray cluster, then finalise it; returns the summary."""
     exp, fs = experiment_dir(cfg)
     start_ray(address)
     with contextlib.ExitStack() as stack:
@@ -143,20 +150,19 @@ def run(
         if spec is not None:
             prefix, cache_info = prepare_prefix(cfg, data, spec, forwarded_env())
         # held by this driver from before its first write to the end (released before Ray shuts down)
-        held = stack.enter_context(hold(cfg, "--resume" if resume else "--overwrite" if overwrite else None))
-        if resume:
+        flag = "--resume" if resume else "--overwrite" if overwrite else "--extend" if extend else None
+        held = stack.enter_context(hold(cfg, flag))
+        if resume or extend:
             meta = read_json(fs, f"{exp}/manifest.json")
-            meta.setdefault("resumes", []).append(
-                {
-                    "at": _now(),
-                    "git": git_state(),
-                    "versions": versions(),
-                    "hardware": hardware(),
-                    "prefix_cache": cache_info,
-                }
-            )
+            entry = {"at": _now(), "flag": flag, "git": git_state(), "versions": versions(), "hardware": hardware()}
+            if extend:  # the stored config takes the new size first: a killed extension continues with --resume
+                done = plan["extend"]["from"]
+                meta.setdefault("extensions", []).append({**entry, "from": done, "to": cfg.sweep.num_samples})
+            meta.setdefault("resumes", []).append({**entry, "prefix_cache": cache_info})
             upload({"manifest.json": json.dumps(meta, indent=2, default=str)}, exp, fs)
-            tuner = restore_tuner(cfg, data, prefix)
+            if extend:
+                upload({"config.yaml": config_yaml(cfg)}, exp, fs)
+            tuner = restore_tuner(cfg, data, prefix, retry=not extend)  # a finished sweep's failures stand
         else:
             meta = manifest(cfg, data.info, plan={k: v for k, v in plan.items() if k != "config"})
             meta["prefix_cache"] = cache_info
@@ -168,7 +174,8 @@ def run(
                 raise Interrupted(
                     f"the sweep at {display(cfg, experiment=True)} stopped with {unfinished} of "
                     f"{cfg.sweep.num_samples} trials unfinished; no results were written: run the same command with "
-                    "--resume to continue it"
+                    + ("--resume in place of --extend" if extend else "--resume")
+                    + " to continue it"
                 )
             return finalise(cfg, grid, data, meta)
 
@@ -247,6 +254,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         ckpt = best_checkpoint(grid, best["trial_id"], cfg)
         scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
+        summary["test_scored"] = 1 + len(meta.get("extensions", []))  # once per finalisation: the sweep, each extension
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
         recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}  # what the search saw

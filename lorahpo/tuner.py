@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from lorahpo.compat import restored_tune_config
+from lorahpo.compat import grown_search, restored_tune_config
 from lorahpo.config import ExperimentConfig, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.ordered import BatchSearcher, OrderedScheduler
@@ -64,6 +64,10 @@ def trial_with_env(
     params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str], prefix: Any = None
 ) -> None:
     os.environ.update(env)  # before the trial loads a model
+    # Tune hands a worker to the next trial only if the last trial's thread ended within TUNE_FUNCTION_THREAD_TIMEOUT_S
+    # (2 s by default), else that next trial FAILS ("reset_config() ... return True"); on a busy machine a trial's end
+    # (its last checkpoint, its memory freed) takes longer. Set here, in the worker, where Tune reads it.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
     tune_trial(params, base, data, prefix)
 
 
@@ -141,16 +145,28 @@ def make_tuner(
     return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> tune.Tuner:
-    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint, the
-    searcher's state (TPE's history) restored so no trial runs twice."""
+def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, retry: bool = True) -> tune.Tuner:
+    """Continue an interrupted sweep: finished trials kept, unfinished resumed from their last checkpoint (and, with
+    `retry`, failed ones), the searcher's state (TPE's history) restored so no trial runs twice. With more trials than
+    the sweep started with (--extend, or --resume of an extension), the restored search runs on to
+    `sweep.num_samples`."""
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
     tuner = tune.Tuner.restore(
-        path, trainable=trainable(cfg, data, prefix), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        path,
+        trainable=trainable(cfg, data, prefix),
+        resume_unfinished=True,
+        resume_errored=retry,
+        storage_filesystem=fs,
     )
+    tc = restored_tune_config(tuner)
     if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
-        restored_tune_config(tuner).max_concurrent_trials = cfg.sweep.max_concurrent_trials
+        tc.max_concurrent_trials = cfg.sweep.max_concurrent_trials
+        # the pickled searcher stops at the first run's num_samples (the checks let nothing else it reads change)
+        tc.search_alg.cfg = cfg
+    if cfg.sweep.num_samples != tc.num_samples:  # tuner.pkl keeps the first run's TuneConfig
+        tc.search_alg = grown_search(tc.search_alg, tc.max_concurrent_trials, cfg.sweep.num_samples)
+        tc.max_concurrent_trials = None  # the limiter is in place; Tune would only warn that it ignores it
     return tuner
 
 
