@@ -23,7 +23,7 @@ import yaml
 from lorahpo import sweep
 from lorahpo.config import load_config
 from lorahpo.errors import Interrupted, SweepFailed, UserError
-from lorahpo.results import print_summary
+from lorahpo.summary import print_summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

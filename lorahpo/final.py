@@ -37,8 +37,6 @@ from lorahpo.results import error_line
 from lorahpo.stats import (
     GAIN_METHOD,
     TEST_METRICS,
-    bootstrap_ci,
-    bootstrap_method,
     gain_test_variance,
     paired_gain,
     spread,
@@ -302,30 +300,3 @@ def final_block(cfg: ExperimentConfig, plan: dict[str, Any], records: list[dict]
     if k == 1:
         block["notes"].append("final.seeds=1: the gain's interval holds test-set noise only; seed noise needs k >= 2")
     return block
-
-
-def best_statistics(
-    cfg: ExperimentConfig, data: TaskData, best_val: dict[str, float], test: dict[str, float], preds: list[int]
-) -> dict[str, Any]:
-    """For the sweep's single best checkpoint: a 95% bootstrap interval over test examples per metric, and the val-test
-    gap (its val score at the chosen epoch minus its test score: how optimistic the selection was)."""
-    if not test:
-        return {}
-    return {
-        "test_ci95": bootstrap_ci(preds, data.test.labels, data.num_labels, cfg.seed),
-        "test_ci95_method": bootstrap_method(cfg.seed),
-        "val_test_gap": {m: best_val[f"val_{m}"] - test[m] for m in TEST_METRICS},
-    }
-
-
-def predictions_table(data: TaskData, preds: list[int]) -> str:
-    """test_predictions.csv: each test example's source row, true and predicted label (the intervals' raw data)."""
-    names = data.label_names
-    table = pd.DataFrame(
-        {
-            "row": data.test.rows,
-            "label": [names[i] for i in data.test.labels],
-            "prediction": [names[i] for i in preds],
-        }
-    )
-    return table.to_csv(index=False)

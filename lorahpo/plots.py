@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.visualization import matplotlib as ovm
 
 from lorahpo.config import ExperimentConfig
+from lorahpo.stats import TEST_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,15 @@ def _learning_curves(study: optuna.Study, df: pd.DataFrame, cfg: ExperimentConfi
 
 
 FINAL_PLOT = "final_seeds.png"
-LABELS = {"test_accuracy": "test accuracy", "test_f1": "test macro-F1", "test_fbeta": "test F-beta"}
 
 
 def write_final_plot(block: dict[str, Any], out: Path) -> str:
     """final_seeds.png: each seed's test score of the baseline and the tuned config, joined per seed (the pairs the
     gain is computed from), with each config's mean; one panel per metric, the gain and its interval in the title."""
-    fig, axes = plt.subplots(1, len(LABELS), figsize=(4 * len(LABELS), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(TEST_LABELS), figsize=(4 * len(TEST_LABELS), 4.2), squeeze=False)
     tuned, baseline = block["tuned"], block["baseline"]
     names = (["baseline"] if baseline else []) + ["tuned"]
-    for ax, (metric, label) in zip(axes[0], LABELS.items()):
+    for ax, (metric, label) in zip(axes[0], TEST_LABELS.items()):
         for i, seed in enumerate(tuned["seeds"]):
             ys = ([baseline[metric]["values"][i]] if baseline else []) + [tuned[metric]["values"][i]]
             ax.plot(range(len(ys)), ys, marker="o", lw=1, alpha=0.8, label=f"seed {seed}")

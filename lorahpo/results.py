@@ -5,7 +5,6 @@ from local disk, NFS or S3, finished or interrupted."""
 from __future__ import annotations
 
 import io
-import json
 import math
 import pickle
 import re
@@ -69,14 +68,19 @@ def read_tables(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
         pd.read_csv(io.BytesIO(read_bytes(fs, f"{inner}/trials/{t}/metrics.csv") or b"epoch\n")).assign(trial_id=t)
         for t in trials["trial_id"]
     ]
-    with tempfile.TemporaryDirectory() as tmp:  # the journal reader wants a local file; the study is read into memory
-        Path(tmp, "journal.log").write_bytes(read_bytes(fs, f"{inner}/optuna_journal.log") or b"")
-        journal = JournalStorage(JournalFileBackend(str(Path(tmp, "journal.log"))))
-        name = optuna.study.get_all_study_names(journal)[0]
-        memory = optuna.storages.InMemoryStorage()
-        optuna.copy_study(from_study_name=name, from_storage=journal, to_storage=memory)
-        study = optuna.load_study(study_name=name, storage=memory)
+    study = journal_study(read_bytes(fs, f"{inner}/{JOURNAL}") or b"")
     return {"trials": trials, "epochs": pd.concat(epochs, ignore_index=True), "study": study}
+
+
+def journal_study(journal: bytes) -> optuna.Study:
+    """The study of a journal's bytes (read from storage), held in memory: the journal reader wants a local file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, JOURNAL).write_bytes(journal)
+        stored = JournalStorage(JournalFileBackend(str(Path(tmp, JOURNAL))))
+        name = optuna.study.get_all_study_names(stored)[0]
+        memory = optuna.storages.InMemoryStorage()
+        optuna.copy_study(from_study_name=name, from_storage=stored, to_storage=memory)
+    return optuna.load_study(study_name=name, storage=memory)
 
 
 def load_journal(path: str | Path) -> optuna.Study:
@@ -276,144 +280,3 @@ def write_journal(study: optuna.Study, path: Path) -> None:
     storage = JournalStorage(JournalFileBackend(str(path)))
     copy = optuna.create_study(storage=storage, study_name=study.study_name, directions=study.directions)
     copy.add_trials(study.trials)  # what optuna.copy_study does, from the study alone (its storage is not public)
-
-
-def make_summary(
-    cfg: ExperimentConfig, df: pd.DataFrame, best: pd.Series | None, test: dict[str, float], test_size: int, where: str
-) -> dict[str, Any]:
-    """summary.json: the best trial and params, its one test-split score, how the trials ended."""
-    metric = tuning_metric(cfg)
-    return {
-        "experiment": where,
-        "metric": metric,
-        "num_trials": len(df),
-        "stop_reasons": df["stop_reason"].value_counts().to_dict(),
-        "trial_epochs": int(df["epochs"].sum()),
-        "best_trial": None if best is None else best["trial_id"],
-        "best_params": {} if best is None else row_params(best),
-        "best_value": None if best is None else float(best[metric]),
-        "best_epoch": None if best is None else plain(best["best_epoch"]),
-        "test": {f"test_{k}": v for k, v in test.items()},
-        "test_size": test_size,
-    }
-
-
-def write_summary(summary: dict[str, Any], cfg: ExperimentConfig, out: Path) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(summary, cfg))
-
-
-def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
-    params = "\n".join(
-        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in s["best_params"].items()
-    )
-    test = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in s["test"].items()) or "no test split"
-    if s["best_trial"] is None:
-        return f"# Sweep `{cfg.sweep.name}`\n\n- {s['num_trials']} trials, every one failed: see results.parquet\n"
-    return (
-        f"# Sweep `{cfg.sweep.name}`\n\n"
-        f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"
-        f"- best trial `{s['best_trial']}`: {s['metric']} = {s['best_value']:.4f} "
-        f"(epoch {s['best_epoch']})\n"
-        f"- test split ({s['test_size']} examples, {scored_times(s)}): {test}\n"
-        + "".join(f"- {line}\n" for line in best_lines(s))
-        + f"\n| param | best value |\n|---|---|\n{params}\n"
-        + final_markdown(s)
-    )
-
-
-def _ci(interval: list[float] | None) -> str:
-    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "(no interval: see the note)"
-
-
-def best_lines(s: dict[str, Any]) -> list[str]:
-    """The best checkpoint's test interval and val-test gap, one line each (summary.md and the console)."""
-    lines = []
-    if s.get("test_ci95"):
-        cis = ", ".join(f"{k.removeprefix('test_')} {_ci(v)}" for k, v in s["test_ci95"].items())
-        lines.append(f"test 95% interval (bootstrap over the {s['test_size']} test examples): {cis}")
-    if s.get("val_test_gap"):
-        gaps = ", ".join(f"{k} {v:+.4f}" for k, v in s["val_test_gap"].items())
-        lines.append(f"val - test gap of the best trial (how optimistic its val score was): {gaps}")
-    return lines
-
-
-FINAL_COLUMNS = {"test_accuracy": "test accuracy", "test_f1": "test macro-F1", "test_fbeta": "test F-beta"}
-
-
-def final_markdown(s: dict[str, Any]) -> str:
-    """summary.md's final-evaluation section: mean ± std per config, the gain with its interval, each seed's pair."""
-    f = s.get("final")
-    if not f:
-        return ""
-    tuned, baseline = f["tuned"], f["baseline"]
-    head = "| config | " + " | ".join(FINAL_COLUMNS.values()) + " |\n|---|" + "---|" * len(FINAL_COLUMNS) + "\n"
-
-    def row(name: str, c: dict[str, Any]) -> str:
-        return f"| {name} | " + " | ".join(f"{c[m]['mean']:.4f} ± {c[m]['std']:.4f}" for m in FINAL_COLUMNS) + " |\n"
-
-    table = head + row("tuned (best trial's params)", tuned)
-    if baseline:
-        table += row(f"baseline ({f['baseline_source']})", baseline)
-        gain = " | ".join(f"{f['gain'][m]['mean']:+.4f} {_ci(f['gain'][m]['ci95'])}" for m in FINAL_COLUMNS)
-        table += f"| gain (tuned - baseline), 95% interval | {gain} |\n"
-    per_seed = "| seed | tuned test F-beta |" + (" baseline | difference |" if baseline else "") + "\n|---|---|"
-    per_seed += "---|---|\n" if baseline else "\n"
-    for i, seed in enumerate(tuned["seeds"]):
-        t = tuned["test_fbeta"]["values"][i]
-        pair = (
-            f" {baseline['test_fbeta']['values'][i]:.4f} | {f['gain']['test_fbeta']['values'][i]:+.4f} |"
-            if baseline
-            else ""
-        )
-        per_seed += f"| {seed} | {t:.4f} |{pair}\n"
-    run = s.get("final_run", {})
-    notes = "".join(f"- {note}\n" for note in f["notes"])
-    return (
-        f"\n## Final evaluation: {f['num_seeds']} fresh seeds per config\n\n"
-        "Each run trained from scratch like a sweep trial (no ASHA; early stopping), its best-val checkpoint scored "
-        "once on the test split; mean ± sample std over the seeds. Tuned and baseline run i share seed i.\n\n"
-        f"{table}\n{per_seed}\n- gain interval: {f['gain_method']}\n{notes}"
-        + (f"- wall time {run['wall_time_s']:.0f} s; runs in `{run['experiment']}`\n" if run else "")
-    )
-
-
-def final_lines(s: dict[str, Any]) -> list[str]:
-    """The final evaluation on the console: per metric, tuned vs baseline and the gain with its interval."""
-    f = s.get("final")
-    if not f:
-        return []
-    lines = [f"final evaluation, {f['num_seeds']} seeds per config {f['tuned']['seeds']}:"]
-    for m in FINAL_COLUMNS:
-        t = f["tuned"][m]
-        line = f"    {m}: tuned {t['mean']:.4f} ± {t['std']:.4f}"
-        if f["baseline"]:
-            b, g = f["baseline"][m], f["gain"][m]
-            line += f", baseline {b['mean']:.4f} ± {b['std']:.4f}, gain {g['mean']:+.4f} {_ci(g['ci95'])}"
-        lines.append(line)
-    lines += [f"    note: {note}" for note in f["notes"]]
-    if s.get("final_run"):
-        lines.append(f"    wall time {s['final_run']['wall_time_s']:.0f} s; runs in {s['final_run']['experiment']}")
-    return lines
-
-
-def scored_times(s: dict[str, Any]) -> str:
-    """How often the test split has been looked at: once per finalisation (the sweep, then each --extend)."""
-    k = s.get("test_scored", 1)
-    return "scored once" if k == 1 else f"scored {k} times: once per finalisation, the sweep's and each extension's"
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    print(f"\nResults: {s['experiment']}")
-    print(f"  best trial {s['best_trial']}: {s['metric']} = {s['best_value']:.4f}")
-    print(
-        "  best params: "
-        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items())
-    )
-    if s["test"]:
-        print(f"  test split ({scored_times(s)}): " + ", ".join(f"{k} {v:.4f}" for k, v in s["test"].items()))
-    for line in best_lines(s):
-        print(f"  {line}")
-    print(f"  {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}")
-    for line in final_lines(s):
-        print(f"  {line}")

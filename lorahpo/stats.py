@@ -17,6 +17,8 @@ from lorahpo.config import FBETA_BETA
 CONFIDENCE = 0.95
 N_RESAMPLES = 9999  # scipy's default: percentile endpoints stable to about 0.1 point on a few hundred examples
 TEST_METRICS = ("accuracy", "f1", "fbeta")  # the per-example metrics (the loss is a mean of losses, not predictions)
+# their columns in the final evaluation (`test_*`) and how summary.md, the console and the plots name them
+TEST_LABELS = {"test_accuracy": "test accuracy", "test_f1": "test macro-F1", "test_fbeta": "test F-beta"}
 GAIN_METHOD = (
     "mean of the k per-seed differences tuned - baseline ± t x SE, SE² = s²/k (s: the differences' spread over seeds) "
     f"+ the variance of that mean over {N_RESAMPLES} bootstrap resamples of the test examples (one resample shared by "

@@ -46,20 +46,13 @@ from lorahpo.checks import (
 from lorahpo.config import METRICS, ExperimentConfig, config_yaml, to_dict
 from lorahpo.data import TaskData, load_task, read_parquet, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
-from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
 from lorahpo.final import describe as describe_final
+from lorahpo.final import final_block, fit_runs, make_plan, score_runs, trial_seeds
 from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
 from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
 from lorahpo.repro import cpu_has_bf16, cuda_bf16, git_state, hardware, manifest, versions
-from lorahpo.results import (
-    best_checkpoint,
-    best_row,
-    make_summary,
-    row_config,
-    write_summary,
-    write_tables,
-)
+from lorahpo.results import best_checkpoint, best_row, row_config, write_tables
 from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.stats import TEST_METRICS
 from lorahpo.storage import (
@@ -74,6 +67,7 @@ from lorahpo.storage import (
     upload,
     upload_dir,
 )
+from lorahpo.summary import best_statistics, make_summary, predictions_table, write_summary
 from lorahpo.tracking import check_loggers, finish_journal, log_summary
 from lorahpo.trainable import score_and_export
 from lorahpo.tuner import describe, forwarded_env, make_tuner, restore_tuner

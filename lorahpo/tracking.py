@@ -29,7 +29,7 @@ from ray.tune.utils import flatten_dict
 
 from lorahpo.config import ExperimentConfig, direction
 from lorahpo.errors import UserError
-from lorahpo.results import JOURNAL, load_journal, study_differences, study_params, trial_outcome, write_journal
+from lorahpo.results import JOURNAL, journal_study, study_differences, study_params, trial_outcome, write_journal
 from lorahpo.storage import experiment_dir, location, read_bytes, trial_name, write_bytes
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,7 @@ def finish_journal(cfg: ExperimentConfig, study: optuna.Study, out: Path) -> Non
     journal is rebuilt from the results into `out` (the sweep copies it over the live one)."""
     exp, fs = experiment_dir(cfg)
     data = read_bytes(fs, f"{exp}/{JOURNAL}")
-    if data is None:
-        diff = ["no live journal"]
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / JOURNAL).write_bytes(data)
-            diff = study_differences(load_journal(Path(tmp) / JOURNAL), study)
+    diff = ["no live journal"] if data is None else study_differences(journal_study(data), study)
     if diff:
         log.warning("%s rebuilt from the results (%s)", JOURNAL, "; ".join(diff[:3]) + ("; ..." if diff[3:] else ""))
         write_journal(study, out / JOURNAL)

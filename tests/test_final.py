@@ -22,7 +22,6 @@ from lorahpo.errors import UserError
 from lorahpo.final import final_block, final_seeds, make_plan
 from lorahpo.module import evaluate, make_metrics, score_split
 from lorahpo.plots import write_final_plot
-from lorahpo.results import print_summary, summary_markdown
 from lorahpo.stats import (
     CONFIDENCE,
     GAIN_METHOD,
@@ -33,6 +32,7 @@ from lorahpo.stats import (
     paired_gain,
     spread,
 )
+from lorahpo.summary import print_summary, summary_markdown
 from lorahpo.trainable import build_module
 
 from .conftest import tiny_config
