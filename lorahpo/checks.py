@@ -16,11 +16,11 @@ import yaml
 from ray import tune
 from transformers import AutoModelForCausalLM
 
-from lorahpo.config import ExperimentConfig, apply_overrides, config_diff, config_from_yaml
+from lorahpo.config import ExperimentConfig, apply_overrides, config_from_yaml, to_dict
 from lorahpo.errors import UserError
 from lorahpo.owner import check_free, check_sweep, occupied
 from lorahpo.repro import git_state, versions
-from lorahpo.schema import valid_keys
+from lorahpo.schema import flatten, valid_keys
 from lorahpo.space import last_n_values, optuna_space, space_ends
 from lorahpo.storage import check_storage_shared, display, experiment_dir, read_bytes
 
@@ -159,6 +159,16 @@ def stored_config(text: str | bytes, where: str, flag: str) -> ExperimentConfig:
         raise UserError(
             f"{flag}: {where}/config.yaml is not a lorahpo config ({first}); restore it, or start a new sweep.name"
         ) from None
+
+
+def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: set[str] = frozenset()) -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs (keys in `ignore` skipped)."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    ]
 
 
 def check_same_config(cfg: ExperimentConfig, stored_yaml: str | bytes | None, where: str) -> None:

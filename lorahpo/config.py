@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from lorahpo.errors import UserError
-from lorahpo.schema import build, unknown_key, valid_keys
+from lorahpo.schema import build, parse_overrides, plain, unknown_key, valid_keys
 
 # The ONE list of evaluation metrics and their direction: the LightningModule computes them, each split's columns
 # (`val_*`, `test_*`) and every table derive from it. The tuning metric is the running best of `train.metric`
@@ -314,19 +314,9 @@ def direction(cfg: ExperimentConfig) -> str:
 
 # What a trial can change: its LoRA adapter and its training. The data are tokenized once per sweep, the base model is
 # shared, and the metric, its direction and max_epochs (ASHA's max_t) define the sweep itself.
-TUNABLE = (
-    "lora.r",
-    "lora.alpha",
-    "lora.dropout",
-    "lora.last_n",
-    "lora.target_modules",
-    "train.lr",
-    "train.weight_decay",
-    "train.batch_size",
-    "train.warmup_ratio",
-    "train.class_weight",
-    "train.patience",
-)
+TUNABLE = ("lora.r", "lora.alpha", "lora.dropout", "lora.last_n", "lora.target_modules",
+           "train.lr", "train.weight_decay", "train.batch_size", "train.warmup_ratio", "train.class_weight",
+           "train.patience")  # fmt: skip
 
 
 def _validate_spec(key: str, spec: ParamSpec) -> None:
@@ -377,20 +367,6 @@ def config_from_yaml(text: str) -> ExperimentConfig:
     return build(ExperimentConfig, yaml.safe_load(text) or {})
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings -> {key: value}; values parsed as YAML so `lr=1e-3`, `split=[0.7,0.3,0]` work."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | dict[str, Any]) -> ExperimentConfig:
     """Return a copy of `cfg` with dotted overrides applied (validated like the YAML)."""
     if isinstance(overrides, list):
@@ -411,40 +387,5 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | dict[str, Any]
 
 
 def config_yaml(cfg: ExperimentConfig) -> str:
-    """YAML text that `config_from_yaml` reads back to an equal object."""
+    """YAML text that `config_from_yaml` (and, written to a file, `load_config`) reads back to an equal object."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write a config that `load_config` reads back to an equal object."""
-    Path(path).write_text(config_yaml(cfg))
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {dotted key: value}; the search space stays one value per key."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "search" and not prefix.startswith("search"):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: set[str] = frozenset()) -> list[str]:
-    """`key: old -> new` for every dotted key whose value differs (keys in `ignore` skipped)."""
-    a, b = flatten(to_dict(old)), flatten(to_dict(new))
-    return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if k not in ignore and a.get(k) != b.get(k)
-    ]
-
-
-def plain(value: Any) -> Any:
-    """A value as plain Python for JSON and YAML (nested): tuples as lists, numpy/pandas scalars as Python's."""
-    if isinstance(value, tuple | list):
-        return [plain(x) for x in value]
-    if isinstance(value, dict):
-        return {k: plain(x) for k, x in value.items()}
-    return value.item() if hasattr(value, "item") else value

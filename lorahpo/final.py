@@ -30,10 +30,11 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import FIFOScheduler
 
-from lorahpo.config import ExperimentConfig, apply_overrides, flatten, to_dict, tuning_metric
+from lorahpo.config import ExperimentConfig, apply_overrides, to_dict, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.results import error_line
+from lorahpo.schema import flatten
 from lorahpo.stats import (
     GAIN_METHOD,
     TEST_METRICS,

@@ -1,6 +1,7 @@
 """Frozen dataclasses from plain YAML data: every value coerced to the type its field declares (`1e-4` read as a
 string becomes a float, `q_proj,v_proj` a tuple, `null` None), every unknown key named with the nearest valid one.
-Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
+And the generic halves of overrides and dumps: `KEY=VALUE` strings parsed, nested dicts flattened to dotted keys,
+values made plain for JSON and YAML. Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
 
 from __future__ import annotations
 
@@ -134,3 +135,37 @@ def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> {key: value}; values parsed as YAML so `lr=1e-3`, `split=[0.7,0.3,0]` work."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: value}; the search space stays one value per key."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "search" and not prefix.startswith("search"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def plain(value: Any) -> Any:
+    """A value as plain Python for JSON and YAML (nested): tuples as lists, numpy/pandas scalars as Python's."""
+    if isinstance(value, tuple | list):
+        return [plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: plain(x) for k, x in value.items()}
+    return value.item() if hasattr(value, "item") else value

@@ -35,7 +35,7 @@ import transformers
 from ray import tune
 
 from lorahpo.checks import check_model_fit
-from lorahpo.config import ExperimentConfig, apply_overrides, dump_config, load_config, tuning_metric
+from lorahpo.config import ExperimentConfig, apply_overrides, config_yaml, load_config, tuning_metric
 from lorahpo.data import TaskData, load_task, make_loader, split_rows
 from lorahpo.errors import UserError
 from lorahpo.model import build_classifier, trainable_parameters
@@ -230,7 +230,7 @@ def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, o
     tokenizer.model_max_length = cfg.data.max_length  # `tokenizer(texts, truncation=True)` cuts where training did
     tokenizer.save_pretrained(out)
     (out / "labels.json").write_text(json.dumps({"label_names": data.label_names, "format": kind}, indent=2))
-    dump_config(cfg, out / "best_config.yaml")
+    (out / "best_config.yaml").write_text(config_yaml(cfg))
     return kind
 
 

@@ -6,14 +6,13 @@ import yaml
 from lorahpo.config import (
     ExperimentConfig,
     apply_overrides,
-    dump_config,
-    flatten,
+    config_yaml,
     load_config,
     parse_overrides,
     to_dict,
 )
 from lorahpo.errors import UserError
-from lorahpo.schema import valid_keys
+from lorahpo.schema import flatten, valid_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -56,7 +55,7 @@ def test_overrides_round_trip(tmp_path: Path) -> None:
     assert cfg.model.num_layers is None
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
     assert cfg.sweep.gpus_per_trial == 0.5
-    dump_config(cfg, tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(config_yaml(cfg))
     assert load_config(tmp_path / "c.yaml") == cfg
     assert apply_overrides(cfg, {}) == cfg
     assert to_dict(apply_overrides(cfg, {"train.lr": 1e-4})) == to_dict(cfg)
