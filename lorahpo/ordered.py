@@ -157,14 +157,6 @@ def plan_batch(
     return [ask_new(study, space, seed).params for _ in range(per_batch)]
 
 
-def record_result(
-    records: list[TrialRecord], index: dict[str, int], trial_id: str, result: dict[str, Any], metric: str
-) -> None:
-    """Note a trial's per-epoch tuning metric (a report seen twice, e.g. replayed after a resume, is the same)."""
-    if trial_id in index and EPOCH in result and metric in result:
-        records[index[trial_id]].values[int(result[EPOCH])] = float(result[metric])
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The searcher
 
@@ -258,13 +250,15 @@ class BatchSearcher(Searcher):
         return self.index.get(trial_id, len(self.records))
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        record_result(self.records, self.index, trial_id, result, self.metric)
+        """Note a trial's per-epoch tuning metric (a report seen twice, e.g. replayed after a resume, is the same)."""
+        if trial_id in self.index and EPOCH in result and self.metric in result:
+            self.records[self.index[trial_id]].values[int(result[EPOCH])] = float(result[self.metric])
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.index:
             return
         if result:
-            record_result(self.records, self.index, trial_id, result, self.metric)
+            self.on_trial_result(trial_id, result)
         rec = self.records[self.index[trial_id]]
         rec.ended, rec.failed = True, error
 
@@ -287,12 +281,6 @@ class BatchSearcher(Searcher):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The scheduler
-
-
-def checkpoint_metrics(trial: Any) -> dict[str, Any]:
-    """The report a trial would resume after: that of its latest checkpoint ({} before its first)."""
-    result = trial.latest_checkpoint_result
-    return dict(result.metrics or {}) if result is not None else {}
 
 
 class OrderedScheduler(TrialScheduler):
@@ -335,8 +323,7 @@ class OrderedScheduler(TrialScheduler):
         trial.init_local_path()
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        s = self.searcher
-        record_result(s.records, s.index, trial.trial_id, result, s.metric)
+        self.searcher.on_trial_result(trial.trial_id, result)
         if EPOCH not in result:
             return CONTINUE
         if result.get(EARLY_STOPPED):
@@ -365,7 +352,8 @@ class OrderedScheduler(TrialScheduler):
     def resume_decision(self, trial: Trial) -> str | None:
         """May a paused (or never started) trial run? Judged at the checkpoint it would resume from, which after a
         driver crash can be older than its last report (the report is replayed, with the same value)."""
-        at = checkpoint_metrics(trial)
+        result = trial.latest_checkpoint_result  # the report of its latest checkpoint (None before its first)
+        at = dict(result.metrics or {}) if result is not None else {}
         if at.get(EARLY_STOPPED):
             return STOP  # it had ended by patience; training on would add an epoch no uninterrupted run has
         epoch = int(at.get(EPOCH, 0))
