@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -33,6 +32,7 @@ from ray.tune.schedulers import FIFOScheduler
 from lorahpo.config import ExperimentConfig, apply_overrides, to_dict, tuning_metric
 from lorahpo.data import TaskData
 from lorahpo.errors import Interrupted, SweepFailed, UserError
+from lorahpo.repro import trial_task_options
 from lorahpo.results import error_line
 from lorahpo.schema import flatten
 from lorahpo.stats import (
@@ -44,7 +44,7 @@ from lorahpo.stats import (
 )
 from lorahpo.storage import display, experiment_dir, read_text, trial_name, upload
 from lorahpo.trainable import score_test
-from lorahpo.tuner import StorageWatch, forwarded_env, trial_with_env
+from lorahpo.tuner import run_config, trainable, trial_with_env
 
 ROLES = ("tuned", "baseline")
 # The final runs' own stream of seeds from the root seed (numpy's SeedSequence: independent streams per spawn key),
@@ -134,8 +134,11 @@ def describe(cfg: ExperimentConfig) -> str:
 # Runs
 
 
-def final_trial(params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str]) -> None:
-    """A final run is a sweep trial whose overrides are the config's params plus its seed."""
+def final_trial(
+    params: dict[str, Any], base: ExperimentConfig, data: TaskData, env: dict[str, str], prefix: None = None
+) -> None:
+    """A final run is a sweep trial whose overrides are the config's params plus its seed (the full model: no prefix
+    cache)."""
     trial_with_env(params["run"]["overrides"], base, data, env)
 
 
@@ -144,29 +147,11 @@ def run_dirname(trial: Any) -> str:
     return f"{run['role']}_{run['index']}_{trial.trial_id}"
 
 
-def trainable(cfg: ExperimentConfig, data: TaskData) -> Any:
-    env = forwarded_env()
-    fn = tune.with_parameters(final_trial, base=cfg, data=data, env=env)
-    return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
-
-
 def make_tuner(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any]) -> tune.Tuner:
     exp, fs = experiment_dir(cfg)
-    run_config = tune.RunConfig(
-        name=plan["experiment"],
-        storage_path=exp,
-        storage_filesystem=None if isinstance(fs, pyarrow.fs.LocalFileSystem) else fs,
-        checkpoint_config=tune.CheckpointConfig(  # the best epoch's checkpoint and the latest, as in the sweep
-            num_to_keep=cfg.sweep.num_to_keep,
-            checkpoint_score_attribute=cfg.train.metric,
-            checkpoint_score_order=cfg.train.mode,
-        ),
-        failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-        # No trackers and no live study: the runs are not part of the search. CSV + JSON: Tune's results reader.
-        callbacks=[StorageWatch(cfg), CSVLoggerCallback(), JsonLoggerCallback()],
-        sync_config=tune.SyncConfig(sync_artifacts=True),
-        verbose=1,
-    )
+    # The best epoch's checkpoint and the latest, as in the sweep. No trackers and no live study: the runs are not
+    # part of the search. CSV + JSON: Tune's results reader.
+    run = run_config(cfg, plan["experiment"], exp, fs, [CSVLoggerCallback(), JsonLoggerCallback()])
     tune_config = tune.TuneConfig(
         scheduler=FIFOScheduler(),  # every run up to max_epochs, stopped only by its own early stopping
         num_samples=1,  # x the grid below: one trial per run
@@ -174,10 +159,10 @@ def make_tuner(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any]) -> t
         reuse_actors=cfg.sweep.reuse_actors,
     )  # no max_concurrent_trials: the runs are independent, so as many run at once as the resources allow
     return tune.Tuner(
-        trainable(cfg, data),
+        trainable(cfg, data, trial=final_trial),
         param_space={"run": tune.grid_search(plan["runs"])},
         tune_config=tune_config,
-        run_config=run_config,
+        run_config=run,
     )
 
 
@@ -195,7 +180,11 @@ def fit_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any]) -> tun
                 "move that directory away to run them anew"
             )
         tuner = tune.Tuner.restore(
-            path, trainable=trainable(cfg, data), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+            path,
+            trainable=trainable(cfg, data, trial=final_trial),
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
         )
     else:
         upload({"plan.json": json.dumps(plan, indent=2)}, path, fs)
@@ -222,9 +211,7 @@ def score_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], grid
     exp, fs = experiment_dir(cfg)
     path = f"{exp}/{plan['experiment']}"
     results = {(r.config["run"]["role"], r.config["run"]["index"]): r for r in grid}
-    task = ray.remote(score_test).options(
-        num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
-    )
+    task = ray.remote(score_test).options(**trial_task_options(cfg), max_retries=0)
     data_ref = ray.put(data)  # once, not once per task
     refs, records = [], []
     for run in plan["runs"]:

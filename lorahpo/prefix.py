@@ -43,7 +43,7 @@ from lorahpo.config import ExperimentConfig
 from lorahpo.data import LengthGroupedBatches, Split, TaskData
 from lorahpo.errors import UserError
 from lorahpo.model import build_base, frozen_states
-from lorahpo.repro import seed_everything_everywhere
+from lorahpo.repro import seed_everything_everywhere, trial_task_options, trial_threads, use_gpu
 from lorahpo.sources import DTYPES, cache_dir, weights_id
 from lorahpo.space import last_n_values
 
@@ -163,16 +163,6 @@ def noise_rtol(dtype: str, layers: int) -> float:
 # Building
 
 
-def build_threads(cfg: ExperimentConfig) -> int:
-    """The build's torch threads: a trial's (as trainable.fit sets them); fixed, so the bits are too."""
-    return cfg.train.num_threads or max(1, int(cfg.sweep.cpus_per_trial))
-
-
-def build_device(cfg: ExperimentConfig) -> torch.device:
-    """Where trials run (as trainable.use_gpu decides): the same kernels as training."""
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.sweep.gpus_per_trial > 0 else "cpu")
-
-
 def _to_numpy(hidden: torch.Tensor, dtype: str) -> np.ndarray:
     hidden = hidden.to(DTYPES[dtype]).cpu()
     return hidden.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else hidden.numpy()
@@ -184,9 +174,9 @@ def build_states(
     """Run the frozen layers over every split and write each example's real-token states into `alloc(name, shape)`
     arrays (np.empty, or memory-mapped files). Fixed batches (length-grouped, unshuffled) and thread count; the
     precision is the trials' (autocast over a half-precision base)."""
-    torch.set_num_threads(build_threads(cfg))
+    torch.set_num_threads(trial_threads(cfg))  # a trial's, fixed: so the bits are too
     seed_everything_everywhere(cfg.seed)  # deterministic kernels (the unused head's init draws from it too)
-    device = build_device(cfg)
+    device = torch.device("cuda" if use_gpu(cfg) else "cpu")  # where trials run: the same kernels as training
     model = build_base(cfg.model, data.num_labels, data.tokenizer.pad_token_id).to(device).eval()
     autocast = torch.autocast(device.type, dtype=DTYPES[cfg.model.dtype], enabled=cfg.model.dtype != "float32")
     arrays = {}
@@ -227,7 +217,7 @@ def cache_key(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> str:
     h = hashlib.sha256()
     for name in SPLITS:
         h.update(json.dumps(getattr(data, name).input_ids).encode())
-    device = build_device(cfg)
+    device = torch.device("cuda" if use_gpu(cfg) else "cpu")
     h.update(
         json.dumps(
             {
@@ -237,7 +227,7 @@ def cache_key(cfg: ExperimentConfig, data: TaskData, plan: PrefixPlan) -> str:
                 "cuts": plan.cuts,
                 "batch": cfg.train.eval_batch_size,
                 "seed": cfg.seed,
-                "threads": build_threads(cfg),
+                "threads": trial_threads(cfg),
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
@@ -318,9 +308,7 @@ def trial_nodes(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 def _remote(cfg: ExperimentConfig, **options: Any) -> Any:
     # max_calls=1: the builder's process exits afterwards, so its model memory (and GPU memory) is the trials' again.
     # Two returns: a small one the driver waits on (and that carries a failure), the cache itself for the trials.
-    return ray.remote(max_calls=1, num_returns=2)(_build_task).options(
-        num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, **options
-    )
+    return ray.remote(max_calls=1, num_returns=2)(_build_task).options(**trial_task_options(cfg), **options)
 
 
 def _build_task(

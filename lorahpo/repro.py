@@ -1,4 +1,5 @@
-"""Reproducibility: one seeding function run BEFORE a model is built, and the provenance manifest."""
+"""Reproducibility: one seeding function run BEFORE a model is built, the threads and device of everything that runs
+with a trial's resources (the same kernels, so the same bits), and the provenance manifest."""
 
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def seed_everything_everywhere(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def trial_threads(cfg: ExperimentConfig) -> int:
+    """torch threads of a trial, and of every task run with a trial's resources (scoring, the prefix cache's build):
+    `train.num_threads`, else its CPU share (Ray does not pin threads; too many oversubscribe the node)."""
+    return cfg.train.num_threads or max(1, int(cfg.sweep.cpus_per_trial))
+
+
+def use_gpu(cfg: ExperimentConfig) -> bool:
+    """Trials (and evaluations) run on the GPU when the sweep gives them one and this process sees one."""
+    return torch.cuda.is_available() and cfg.sweep.gpus_per_trial > 0
+
+
+def trial_task_options(cfg: ExperimentConfig) -> dict[str, float]:
+    """A Ray task's options for a trial's resources: where a trial runs, with its device and precision (also where
+    the driver has no GPU)."""
+    return {"num_cpus": cfg.sweep.cpus_per_trial, "num_gpus": cfg.sweep.gpus_per_trial}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -51,7 +51,7 @@ from lorahpo.final import final_block, fit_runs, make_plan, score_runs, trial_se
 from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
 from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
-from lorahpo.repro import cpu_has_bf16, cuda_bf16, git_state, hardware, manifest, versions
+from lorahpo.repro import cpu_has_bf16, cuda_bf16, git_state, hardware, manifest, trial_task_options, versions
 from lorahpo.results import best_checkpoint, best_row, row_config, write_tables
 from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.stats import TEST_METRICS
@@ -241,10 +241,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
                 f"in {where}/results.parquet"
             )
         best_cfg = row_config(cfg, best)
-        # On a worker with a trial's resources: the trial's device and precision, also where the driver has no GPU.
-        task = ray.remote(score_and_export).options(
-            num_cpus=cfg.sweep.cpus_per_trial, num_gpus=cfg.sweep.gpus_per_trial, max_retries=0
-        )
+        task = ray.remote(score_and_export).options(**trial_task_options(cfg), max_retries=0)
         ckpt = best_checkpoint(grid, best["trial_id"], cfg)
         scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)

@@ -41,7 +41,7 @@ from lorahpo.errors import UserError
 from lorahpo.model import build_classifier, trainable_parameters
 from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer, score_split
 from lorahpo.prefix import PrefixCache, cut_for, open_prefix, split_states
-from lorahpo.repro import manifest, seed_everything_everywhere
+from lorahpo.repro import manifest, seed_everything_everywhere, trial_threads, use_gpu
 from lorahpo.sources import load_model_config, load_tokenizer, on_hub
 from lorahpo.storage import upload_dir, write_bytes
 
@@ -241,7 +241,7 @@ def score_and_export(
     reload the best epoch's checkpoint, score val (a check: it must reproduce the recorded epoch) and the untouched
     test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores,
     the per-example test predictions (split order) and best/'s format."""
-    torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
+    torch.set_num_threads(trial_threads(cfg))
     gpu = use_gpu(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         with library_logs(Path(tmp, "scoring.log")):
@@ -260,7 +260,7 @@ def score_test(
 ) -> dict[str, Any]:
     """A final-evaluation run's best-val checkpoint scored ONCE on the test split, like `score_and_export` (where a
     trial runs), without an export. Library logs go to `log_path` on the sweep's storage."""
-    torch.set_num_threads(cfg.train.num_threads or trial_threads(cfg))
+    torch.set_num_threads(trial_threads(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         with library_logs(Path(tmp, "scoring.log")):
             with checkpoint.as_directory() as d:
@@ -278,16 +278,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def use_gpu(cfg: ExperimentConfig) -> bool:
-    """Trials (and evaluations) run on the GPU when the sweep gives them one and this process sees one."""
-    return torch.cuda.is_available() and cfg.sweep.gpus_per_trial > 0
-
-
-def trial_threads(cfg: ExperimentConfig) -> int:
-    """torch threads of a trial: its CPU share (Ray does not pin threads; too many oversubscribe the node)."""
-    return max(1, int(cfg.sweep.cpus_per_trial))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

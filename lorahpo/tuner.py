@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow.fs
@@ -71,11 +71,40 @@ def trial_with_env(
     tune_trial(params, base, data, prefix)
 
 
-def trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None) -> Any:
+def trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, trial: Callable = trial_with_env) -> Any:
     """The function trainable with the tokenized data (and the prefix cache: an object-store reference, or the plan of
-    the nodes' disk caches) put in the object store ONCE, and the trial's resources."""
-    fn = tune.with_parameters(trial_with_env, base=cfg, data=data, env=forwarded_env(), prefix=prefix)
+    the nodes' disk caches) put in the object store ONCE, and the trial's resources. `trial`: the sweep's trial, or
+    one with its signature (lorahpo.final's runs)."""
+    fn = tune.with_parameters(trial, base=cfg, data=data, env=forwarded_env(), prefix=prefix)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})
+
+
+def run_config(
+    cfg: ExperimentConfig,
+    name: str,
+    path: str,
+    fs: pyarrow.fs.FileSystem,
+    callbacks: Sequence[tune.Callback],
+    **kw: Any,
+) -> tune.RunConfig:
+    """Where an experiment (the sweep, or the final runs) lives, what it keeps and how it retries: the same for both."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=None if isinstance(fs, pyarrow.fs.LocalFileSystem) else fs,
+        # Keep the best epoch's checkpoint (scored by the per-epoch metric, not the running best, whose ties would
+        # pick a later epoch) and the latest (Ray always keeps it, for resume).
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=cfg.sweep.num_to_keep,
+            checkpoint_score_attribute=cfg.train.metric,
+            checkpoint_score_order=cfg.train.mode,
+        ),
+        failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+        callbacks=[StorageWatch(cfg), *callbacks],
+        sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's trial.log (trainable.library_logs)
+        verbose=1,
+        **kw,
+    )
 
 
 class StorageWatch(tune.Callback):
@@ -109,23 +138,8 @@ def make_tuner(
     what lorahpo.prefix.prepare_prefix returned (None: trials run the full model)."""
     root, fs = storage(cfg)
     ray_default_loggers(cfg)
-    run_config = tune.RunConfig(
-        name=cfg.sweep.name,
-        storage_path=root,
-        storage_filesystem=None if isinstance(fs, pyarrow.fs.LocalFileSystem) else fs,
-        # Keep the best epoch's checkpoint (scored by the per-epoch metric, not the running best, whose ties would
-        # pick a later epoch) and the latest (Ray always keeps it, for resume).
-        checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=cfg.sweep.num_to_keep,
-            checkpoint_score_attribute=cfg.train.metric,
-            checkpoint_score_order=cfg.train.mode,
-        ),
-        failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-        callbacks=[StorageWatch(cfg), *tracker_callbacks(cfg), *callbacks],  # the live study + sweep.loggers
-        sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's trial.log (trainable.library_logs)
-        stop=stop,
-        verbose=1,
-    )
+    # the live study + sweep.loggers, then the caller's
+    run = run_config(cfg, cfg.sweep.name, root, fs, [*tracker_callbacks(cfg), *callbacks], stop=stop)
     searcher = make_searcher(cfg)
     tune_config = tune.TuneConfig(
         metric=tuning_metric(cfg),
@@ -142,7 +156,7 @@ def make_tuner(
         # failed worker is still replaced by a fresh one.
         reuse_actors=cfg.sweep.reuse_actors,
     )
-    return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable(cfg, data, prefix), tune_config=tune_config, run_config=run)
 
 
 def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, retry: bool = True) -> tune.Tuner:
