@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
 from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, config_from_yaml, plain, tuning_metric
-from lorahpo.data import read_parquet
+from lorahpo.reading import read_parquet
 from lorahpo.space import distribution
 from lorahpo.storage import filesystem, read_bytes, read_text
 
