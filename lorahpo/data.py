@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from lorahpo.config import DataConfig
-from lorahpo.reading import read_table, source
+from lorahpo.reading import read_data
 from lorahpo.repro import epoch_seed
-from lorahpo.splitting import label_map, split_indices, subsample
+from lorahpo.splitting import check_classes, given_parts, label_map, leaks, near_groups, split_indices, subsample
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,20 @@ class TaskData:
 
 def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     """Read, label, split and tokenize; the single entry point trials and the sweep use."""
-    df, digest = read_table(cfg)
-    if cfg.max_examples is not None and cfg.max_examples < len(df):
+    df, info = read_data(cfg)
+    given = "split" in df
+    if not given and cfg.max_examples is not None and cfg.max_examples < len(df):
         df = df.iloc[subsample(df["label"].astype(str), cfg.max_examples, seed)]
     names = label_map(df["label"], cfg.positive_label)
     index = {n: i for i, n in enumerate(names)}
     y = df["label"].map(lambda v: index[str(v)]).to_numpy()
-    parts, duplicates = split_indices(y, df["text"].tolist(), cfg.split, seed)
-    if duplicates["duplicate_rows"] or duplicates["near_duplicate_rows"]:
+    texts = df["text"].tolist()
+    if given:
+        parts, duplicates = given_parts(df["split"].to_numpy(), y, texts, cfg, seed), near_groups(y, texts)[1]
+        check_classes(y, parts, names)
+    else:
+        parts, duplicates = split_indices(y, texts, cfg.split, seed)
+    if not given and (duplicates["duplicate_rows"] or duplicates["near_duplicate_rows"]):
         log.warning(
             "%d of %d texts repeat another one (ignoring case and whitespace) and %d more differ from another only in "
             "digits or punctuation; all of them stay in one split with their twins%s",
@@ -75,10 +81,18 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
             if duplicates["conflicting_labels"]
             else "",
         )
-    rows = df.index.to_numpy()  # row numbers in the source file, so a reader can audit the split
+    leaked = leaks(texts, parts)
+    if any(n for split in leaked.values() for n in split.values()):
+        log.warning(
+            "the given splits overlap: %d val and %d test texts repeat a training text (%d and %d more up to digits "
+            "and punctuation); reported as data.leaks, the splits are kept as given",
+            *(leaked[s][k] for k in ("exact", "near") for s in ("val", "test")),
+        )
+    rows = df.index.to_numpy()  # row numbers in the source (file, or given split), so a reader can audit the split
 
-    # One tokenizer call for the whole data; truncation is done here so it can be counted.
-    ids = tokenizer(df["text"].tolist(), add_special_tokens=True, truncation=False)["input_ids"]
+    # One tokenizer call for the rows used; truncation is done here so it can be counted.
+    used = np.sort(np.concatenate(list(parts.values())))
+    ids = dict(zip(used.tolist(), tokenizer([texts[i] for i in used], truncation=False)["input_ids"]))
     truncated = {}
     splits = {}
     for name, sel in parts.items():
@@ -87,22 +101,22 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
         splits[name] = Split([t[: cfg.max_length] for t in toks], y[sel].tolist(), rows[sel].tolist())
     split_doc = {n: s.rows for n, s in splits.items()}
     info = {
-        "source": source(cfg.path),
-        "sha256": digest,
-        "num_examples": len(df),
+        **info,
+        "num_examples": len(used),
         "label_names": names,
-        "class_counts": {names[k]: int(v) for k, v in enumerate(np.bincount(y))},
+        "class_counts": {names[k]: int(v) for k, v in enumerate(np.bincount(y[used], minlength=len(names)))},
         "split_sizes": {n: len(s) for n, s in splits.items()},
         "split_sha256": hashlib.sha256(json.dumps(split_doc).encode()).hexdigest(),
         "duplicates": duplicates,
+        "leaks": leaked,
         "truncated": truncated,
-        "mean_tokens": float(np.mean([len(t) for t in ids])),
+        "mean_tokens": float(np.mean([len(t) for t in ids.values()])),
     }
     if sum(truncated.values()):
         log.warning(
             "%d of %d texts are longer than data.max_length=%d tokens and were truncated",
             sum(truncated.values()),
-            len(df),
+            len(used),
             cfg.max_length,
         )
     return TaskData(splits["train"], splits["val"], splits["test"], names, tokenizer, info)

@@ -4,8 +4,11 @@ with its provenance. Nothing read here can run code (`read_parquet`)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -69,7 +72,8 @@ def read_bundled(name: str) -> tuple[pd.DataFrame, str]:
 
 
 def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
-    """Return a DataFrame with `text` and `label` columns, and the sha256 of the source file."""
+    """Return a DataFrame with `text` and `label` columns (and `split`, train/val/test, with data.split_column), and
+    the sha256 of the source file."""
     name = bundled_name(cfg.path)
     if name is not None:
         return read_bundled(name)
@@ -94,26 +98,90 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         ) from None
     except (ValueError, pd.errors.ParserError, OSError) as e:
         raise UserError(f"data.path={cfg.path} could not be read as {kind}: {str(e).splitlines()[0]}") from None
-    for col, key in ((cfg.text_column, "data.text_column"), (cfg.label_column, "data.label_column")):
-        if col not in df.columns:
-            raise UserError(
-                f"{key}={col!r} is not a column of {cfg.path}; its columns are {list(map(str, df.columns))}"
-            )
+    df = select_columns(df, cfg, list(map(str, df.columns)), cfg.path)
     if df.empty:
         raise UserError(f"data.path={cfg.path} has no rows (only a header); add data")
-    df = df[[cfg.text_column, cfg.label_column]].set_axis(["text", "label"], axis=1)
+    return df, file_sha256(path)
+
+
+def select_columns(df: pd.DataFrame, cfg: DataConfig, columns: list[str], where: str) -> pd.DataFrame:
+    """`text`, `label` (and `split`) from the configured columns, each text present and a string."""
+    keys = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+    keys.update({"data.split_column": cfg.split_column} if cfg.split_column else {})
+    for key, col in keys.items():
+        if col not in columns:
+            raise UserError(f"{key}={col!r} is not a column of {where}; its columns are {columns}")
+    df = df[list(keys.values())].set_axis(["text", "label", "split"][: len(keys)], axis=1)
     missing = df["text"].isna() | (df["text"].astype(str).str.strip() == "")
     if missing.any():
         raise UserError(
-            f"{int(missing.sum())} of {len(df)} rows of {cfg.path} have an empty or missing text "
+            f"{int(missing.sum())} of {len(df)} rows of {where} have an empty or missing text "
             f"(column {cfg.text_column!r}); they were rejected, not dropped: remove them or fill them in"
         )
-    if df["label"].isna().any():
+    if "split" in df:
+        df["split"] = split_names(df["split"], f"data.split_column={cfg.split_column!r} of {where}")
+    return df.assign(text=df["text"].astype(str))
+
+
+# How given splits may be named (case-insensitive) -> lorahpo's name for them.
+SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "dev": "val", "test": "test"}
+
+
+def split_names(values: pd.Series, where: str) -> pd.Series:
+    """Given split names as train/val/test; an unknown name, or no train or test row, is one line."""
+    named = values.astype(str).str.strip().str.lower().map(SPLIT_NAMES)
+    unknown = sorted(set(values[named.isna()].astype(str)))
+    if unknown:
+        raise UserError(f"{where} holds split names {unknown[:5]}; use train, validation (or val, dev) and test")
+    for name in ("train", "test"):
+        if not (named == name).any():
+            raise UserError(f"{where} has no {name} rows; a given split needs train and test rows (val is optional)")
+    return named
+
+
+def read_data(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The data as `text`, `label` (and with given splits `split`) columns, each row indexed by its 0-based position
+    in its source (the file, or the file or dataset split it was given in), and its provenance: `source`, `sha256`
+    and, for given splits, each split's source, size and content hash (`splits`)."""
+    if cfg.files:
+        tables = {n: read_table(dataclasses.replace(cfg, path=p, files={})) for n, p in cfg.files.items()}
+        df = pd.concat([t.assign(split=n) for n, (t, _) in tables.items()])
+        sources = {n: source(cfg.files[n]) for n in tables}
+        digest = hashlib.sha256(" ".join(h for _, h in tables.values()).encode()).hexdigest()
+        where = "data.files"
+    else:
+        df, digest = read_table(cfg)
+        where = source(cfg.path)
+        sources = {n: f"{where} ({cfg.split_column}={n})" for n in ("train", "val", "test")}
+    check_labels(df, cfg, where, sources)
+    info: dict[str, Any] = {"source": where, "sha256": digest}
+    if "split" in df:
+        info["splits"] = {
+            n: {"source": sources[n], "rows": len(part), "sha256": content_sha256(part)}
+            for n, part in df.groupby("split", sort=False)
+        }
+    return df, info
+
+
+def check_labels(df: pd.DataFrame, cfg: DataConfig, where: str, sources: dict[str, str]) -> None:
+    """Every row has a label. An unlabelled test split (SST-2's official test: label -1) cannot be scored."""
+    missing = df["label"].isna()
+    if "split" in df and (missing & (df["split"] == "test")).any():
         raise UserError(
-            f"{int(df['label'].isna().sum())} rows of {cfg.path} have no label "
-            f"(column {cfg.label_column!r}); remove them or label them"
+            f"{int((missing & (df['split'] == 'test')).sum())} rows of the test split ({sources['test']}) have no "
+            "label: it cannot be scored. Use the validation split as test (e.g. data.hf_splits={train: train, test: "
+            "validation}, or data.files with the validation file as test)"
         )
-    return df.assign(text=df["text"].astype(str)), file_sha256(path)
+    if missing.any():
+        raise UserError(
+            f"{int(missing.sum())} rows of {where} have no label (column {cfg.label_column!r}); "
+            "remove them or label them"
+        )
+
+
+def content_sha256(df: pd.DataFrame) -> str:
+    """A split by content (its texts and labels, in order): what --resume and --final compare."""
+    return hashlib.sha256(json.dumps([df["text"].tolist(), df["label"].astype(str).tolist()]).encode()).hexdigest()
 
 
 def read_parquet(source: str | Path | bytes, what: str) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from lorahpo.config import DataConfig
 from lorahpo.errors import UserError
 
 
@@ -47,6 +48,20 @@ def near_key(text: str) -> str:
     return " ".join(NON_LETTERS.sub(" ", text.lower()).split()) or normalise(text)
 
 
+def near_groups(labels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Each row's group of near-duplicates (`near_key`), and the counts: exact duplicates, near-duplicates beyond
+    them, groups whose rows carry more than one label."""
+    exact = pd.Series([normalise(t) for t in texts]).nunique()
+    codes, uniques = pd.factorize(pd.Series([near_key(t) for t in texts]))
+    conflicts = int((pd.Series(labels).groupby(codes).nunique() > 1).sum())
+    return codes, {
+        "distinct_texts": exact,
+        "duplicate_rows": len(texts) - exact,
+        "near_duplicate_rows": exact - len(uniques),
+        "conflicting_labels": conflicts,
+    }
+
+
 def split_indices(
     labels: np.ndarray, texts: list[str], fractions: tuple[float, float, float], seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -54,20 +69,11 @@ def split_indices(
     under `near_key`) lands in the same split: a text in val or test that training saw, up to a digit or a full stop,
     would reward memorisation. The split is drawn over the groups of near-duplicates (stratified by the label of each
     group's first row), then each group brings its rows. With test=0 it is ONE train_test_split(test_size=val), the
-    predecessor's 70/30 setting. Also returns the counts: exact duplicates, near-duplicates beyond them, groups whose
-    rows carry more than one label."""
-    exact = pd.Series([normalise(t) for t in texts]).nunique()
-    codes, uniques = pd.factorize(pd.Series([near_key(t) for t in texts]))
+    predecessor's 70/30 setting. Also returns the counts of `near_groups`."""
+    codes, stats = near_groups(labels, texts)
     first = np.unique(codes, return_index=True)[1]  # row of each group's first occurrence
     group_labels = labels[first]
-    conflicts = int((pd.Series(labels).groupby(codes).nunique() > 1).sum())
-    stats = {
-        "distinct_texts": exact,
-        "duplicate_rows": len(texts) - exact,
-        "near_duplicate_rows": exact - len(uniques),
-        "conflicting_labels": conflicts,
-    }
-    groups = np.arange(len(uniques))
+    groups = np.arange(len(first))
     train_f, val_f, test_f = fractions
     counts = np.bincount(group_labels, minlength=labels.max() + 1)
     for name, frac in (("val", val_f), ("test", test_f)):
@@ -98,3 +104,44 @@ def subsample(labels: pd.Series, n: int, seed: int) -> np.ndarray:
     except ValueError:
         keep = np.random.default_rng(seed).choice(len(labels), size=n, replace=False)
     return np.sort(keep)
+
+
+def given_parts(
+    given: np.ndarray, labels: np.ndarray, texts: list[str], cfg: DataConfig, seed: int
+) -> dict[str, np.ndarray]:
+    """Row indices of the splits a data set ships (`given`: each row's train/val/test), kept as they are, except:
+    `data.max_examples` subsamples train, and a data set without a val split gets one carved out of train by
+    `split_indices` (val takes split[1] / (split[0] + split[1]) of it); test is never touched."""
+    parts = {n: np.flatnonzero(given == n) for n in ("train", "val", "test")}
+    train = parts["train"]
+    if cfg.max_examples is not None and cfg.max_examples < len(train):
+        train = train[subsample(pd.Series(labels[train]), cfg.max_examples, seed)]
+    if len(parts["val"]) == 0:
+        carved, _ = split_indices(labels[train], [texts[i] for i in train], (*cfg.split[:2], 0.0), seed)
+        return {"train": train[carved["train"]], "val": train[carved["val"]], "test": parts["test"]}
+    return {**parts, "train": train}
+
+
+def check_classes(labels: np.ndarray, parts: dict[str, np.ndarray], names: list[str]) -> None:
+    """A class in val or test that train never shows cannot be learned; it is usually a placeholder label."""
+    for split in ("val", "test"):
+        unseen = sorted({names[k] for k in set(labels[parts[split]]) - set(labels[parts["train"]])})
+        if unseen:
+            raise UserError(
+                f"the {split} split holds classes that train never shows: {unseen[:5]}; if they are placeholders of "
+                "an unlabelled test split (SST-2's official test has label -1), use the validation split as test"
+            )
+
+
+def leaks(texts: list[str], parts: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """How many val and test rows repeat a training text: `exact` (up to case and whitespace) and `near` (beyond
+    those, equal under `near_key`). Given splits are reported, never changed: an official test split is not ours
+    to edit. Zero for lorahpo's own split by construction."""
+    out = {}
+    for split in ("val", "test"):
+        found = {}
+        for name, key in (("exact", normalise), ("near", near_key)):
+            train = {key(texts[i]) for i in parts["train"]}
+            found[name] = sum(key(texts[i]) in train for i in parts[split])
+        out[split] = {"exact": found["exact"], "near": found["near"] - found["exact"]}
+    return out

@@ -251,6 +251,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         ckpt = best_checkpoint(grid, best["trial_id"], cfg)
         scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
+        summary["data"] = {k: data.info[k] for k in ("split_sizes", "leaks")}
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
         recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}  # what the search saw
