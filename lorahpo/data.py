@@ -66,8 +66,8 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     y = df["label"].map(lambda v: index[str(v)]).to_numpy()
     texts = df["text"].tolist()
     if given:
+        check_classes(y, df["split"].to_numpy(), names)
         parts, duplicates = given_parts(df["split"].to_numpy(), y, texts, cfg, seed), near_groups(y, texts)[1]
-        check_classes(y, parts, names)
     else:
         parts, duplicates = split_indices(y, texts, cfg.split, seed)
     if not given and (duplicates["duplicate_rows"] or duplicates["near_duplicate_rows"]):

@@ -122,10 +122,10 @@ def given_parts(
     return {**parts, "train": train}
 
 
-def check_classes(labels: np.ndarray, parts: dict[str, np.ndarray], names: list[str]) -> None:
-    """A class in val or test that train never shows cannot be learned; it is usually a placeholder label."""
+def check_classes(labels: np.ndarray, given: np.ndarray, names: list[str]) -> None:
+    """A class in a given val or test split that train never shows cannot be learned; it is usually a placeholder."""
     for split in ("val", "test"):
-        unseen = sorted({names[k] for k in set(labels[parts[split]]) - set(labels[parts["train"]])})
+        unseen = sorted({names[k] for k in set(labels[given == split]) - set(labels[given == "train"])})
         if unseen:
             raise UserError(
                 f"the {split} split holds classes that train never shows: {unseen[:5]}; if they are placeholders of "
