@@ -149,6 +149,9 @@ def read_data(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         sources = {n: source(cfg.files[n]) for n in tables}
         digest = hashlib.sha256(" ".join(h for _, h in tables.values()).encode()).hexdigest()
         where = "data.files"
+    elif cfg.path is not None and (cfg.path.startswith(HUB_PREFIX) or Path(cfg.path).is_dir()):
+        df, where, sources = read_dataset(cfg)
+        digest = content_sha256(df)
     else:
         df, digest = read_table(cfg)
         where = source(cfg.path)
@@ -190,7 +193,11 @@ def read_parquet(source: str | Path | bytes, what: str) -> pd.DataFrame:
     such a column to pandas unpickles them (so does a pandas extension dtype named in the file's pandas metadata). A
     column of any Arrow extension type is refused with one line, and the pandas metadata is not read (lorahpo's own
     tables need neither). `what` names the file in the error."""
-    table = pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source)
+    return plain_pandas(pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source), what)
+
+
+def plain_pandas(table: pa.Table, what: str) -> pd.DataFrame:
+    """An Arrow table as a DataFrame, refused (one line) if any column holds an extension type (`read_parquet`)."""
     unsafe = [f.name for f in table.schema if _extension_inside(f.type)]
     if unsafe:
         raise UserError(
@@ -212,3 +219,62 @@ def source(path: str | None) -> str:
     """What the manifest records as the data's origin: `bundled:<name>`, or the file's absolute path."""
     name = bundled_name(path)
     return BUNDLED_PREFIX + name if name is not None else str(Path(path).resolve())
+
+
+HUB_PREFIX = "hf:"
+
+
+def read_dataset(cfg: DataConfig) -> tuple[pd.DataFrame, str, dict[str, str]]:
+    """A `datasets` DatasetDict, saved with `save_to_disk` (data.path: DIR) or on the Hugging Face hub (data.path:
+    hf:ID, data.hf_config, data.revision; the token from the environment, as for models; a dataset's own code never
+    runs: `datasets` no longer runs loading scripts at all). Its splits are kept as given; integer labels of a
+    `ClassLabel` keep their names (-1, its "no label", is missing). Returns the rows (`split` column), the dataset's
+    provenance (the hub commit it resolved to) and each split's."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"data.path={cfg.path} is a Hugging Face dataset, which needs the datasets package: "
+            "pip install 'lorahpo[datasets]'"
+        ) from None
+    if cfg.path.startswith(HUB_PREFIX):
+        repo = cfg.path.removeprefix(HUB_PREFIX)
+        try:
+            dd = datasets.load_dataset(repo, cfg.hf_config, revision=cfg.revision)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:  # OSError: ConnectionError, not found
+            raise UserError(
+                f"data.path={cfg.path} (data.hf_config={cfg.hf_config}, data.revision={cfg.revision}) could not be "
+                f"loaded: {str(e).strip().splitlines()[0]}; check the id, config and revision (offline: it must be in "
+                "the Hugging Face datasets cache)"
+            ) from None
+        commit = Path(next(iter(dd.values())).cache_files[0]["filename"]).parent.name  # cached under its commit
+        if cfg.revision is not None and datasets.config.HF_HUB_OFFLINE and not commit.startswith(cfg.revision):
+            raise UserError(
+                f"data.revision={cfg.revision} cannot be resolved offline: the cached {repo} is commit {commit}; "
+                f"set data.revision={commit}, or load it once where the hub can be reached"
+            )
+        where = f"{cfg.path}{f' config {cfg.hf_config}' if cfg.hf_config else ''} commit {commit}"
+    else:
+        try:
+            dd = datasets.load_from_disk(cfg.path)
+        except FileNotFoundError as e:
+            raise UserError(f"data.path={cfg.path} holds no dataset saved with save_to_disk ({e})") from None
+        if not isinstance(dd, datasets.DatasetDict):
+            raise UserError(f"data.path={cfg.path} is one Dataset, not a DatasetDict of train and test splits")
+        where = str(Path(cfg.path).resolve())
+    names = dict(cfg.hf_splits) or {SPLIT_NAMES[n.lower()]: n for n in dd if n.lower() in SPLIT_NAMES}
+    for ours in ("train", "val", "test"):
+        if (ours != "val" or ours in names) and names.get(ours) not in dd:
+            raise UserError(
+                f"{where} has no split {names.get(ours, ours)!r} for {ours} (its splits: {list(dd)}); name its "
+                "splits with data.hf_splits={train: NAME, val: NAME, test: NAME}"
+            )
+    parts = []
+    for ours, theirs in names.items():
+        table = dd[theirs].with_format("arrow")[:]  # the rows as Arrow (any index mapping applied), not converted
+        df = select_columns(plain_pandas(table, f"{where} split {theirs}"), cfg, table.column_names, where)
+        feature = dd[theirs].features.get(cfg.label_column)
+        if isinstance(feature, datasets.ClassLabel):
+            df["label"] = [feature.names[v] if v >= 0 else None for v in df["label"]]
+        parts.append(df.assign(split=ours))
+    return pd.concat(parts), where, {ours: f"{where} split {theirs}" for ours, theirs in names.items()}
