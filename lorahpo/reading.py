@@ -259,6 +259,10 @@ def read_dataset(cfg: DataConfig) -> tuple[pd.DataFrame, str, dict[str, str]]:
             dd = datasets.load_from_disk(cfg.path)
         except FileNotFoundError as e:
             raise UserError(f"data.path={cfg.path} holds no dataset saved with save_to_disk ({e})") from None
+        except ValueError as e:  # also a column of a type datasets does not know (e.g. pickled Python objects)
+            raise UserError(
+                f"data.path={cfg.path} could not be read as a saved dataset: {str(e).splitlines()[0]}"
+            ) from None
         if not isinstance(dd, datasets.DatasetDict):
             raise UserError(f"data.path={cfg.path} is one Dataset, not a DatasetDict of train and test splits")
         where = str(Path(cfg.path).resolve())
@@ -272,7 +276,8 @@ def read_dataset(cfg: DataConfig) -> tuple[pd.DataFrame, str, dict[str, str]]:
     parts = []
     for ours, theirs in names.items():
         table = dd[theirs].with_format("arrow")[:]  # the rows as Arrow (any index mapping applied), not converted
-        df = select_columns(plain_pandas(table, f"{where} split {theirs}"), cfg, table.column_names, where)
+        wanted = table.select([c for c in (cfg.text_column, cfg.label_column) if c in table.column_names])
+        df = select_columns(plain_pandas(wanted, f"{where} split {theirs}"), cfg, table.column_names, where)
         feature = dd[theirs].features.get(cfg.label_column)
         if isinstance(feature, datasets.ClassLabel):
             df["label"] = [feature.names[v] if v >= 0 else None for v in df["label"]]

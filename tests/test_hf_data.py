@@ -4,12 +4,14 @@ kept as given; ClassLabel names kept; every bad input one line."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import sys
 from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from lorahpo.config import DataConfig
@@ -103,3 +105,24 @@ def test_bad_dataset_sources_are_one_line(tmp_path: Path, tiny_data: TaskData, m
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"needs the datasets package: pip install 'lorahpo\[datasets\]'$"):
         load_task(DataConfig(path=str(path), text_column="sentence"), tok, seed=0)
+
+
+def test_a_poisoned_saved_dataset_is_refused_unread(tmp_path: Path, tiny_data: TaskData) -> None:
+    """A split's Arrow file with a column of Ray's pickled-object extension type (unpickled when converted): one line,
+    and the pickle never runs."""
+    from ray.data.extensions import ArrowPythonObjectType  # importing it registers the type with pyarrow
+
+    from .test_untrusted import Payload
+
+    path, marker = saved(tmp_path), tmp_path / "pwned"
+    cells = pa.array([pickle.dumps(Payload(marker))] * 2, type=pa.large_binary())
+    table = pa.table({"sentence": ["a b", "c d"], "label": [0, 1]})
+    table = table.append_column("note", pa.ExtensionArray.from_storage(ArrowPythonObjectType(), cells))
+    with (
+        pa.OSFile(str(next((path / "test").glob("*.arrow"))), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as w,
+    ):
+        w.write_table(table)
+    with pytest.raises(UserError, match=r"could not be read as a saved dataset: Arrow type extension<ray.data.arrow"):
+        load_task(DataConfig(path=str(path), text_column="sentence"), tiny_data.tokenizer, seed=0)
+    assert not marker.exists()
