@@ -38,8 +38,8 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 @dataclass(frozen=True)
 class DataConfig:
     path: str | None = None
-    """CSV, TSV, JSONL or Parquet file, or a data set shipped with lorahpo: `bundled:sms_spam_collection` (what None
-    means) or `bundled:banking77_payments` (25 banking intents; configs/intents.yaml)."""
+    """CSV, TSV, JSONL or Parquet file; a `datasets` DatasetDict (a save_to_disk directory, or `hf:ID` on the hub); or
+    a bundled data set: `bundled:sms_spam_collection` (what None means), `bundled:banking77_payments` (intents)."""
     text_column: str = "text"
     """Column of the texts in a user's file (a bundled set has its own)."""
     label_column: str = "label"

@@ -141,3 +141,26 @@ def test_dry_run_plan_shows_the_given_splits_and_a_bad_one_is_one_line(tmp_path:
     assert wrong.stderr.strip().splitlines() == [
         f"error: data.split_column='splits' is not a column of {path}; its columns are ['text', 'label', 'split']"
     ]
+
+
+@pytest.mark.slow
+def test_sweep_on_given_splits_records_them(tmp_path: Path) -> None:
+    """A tiny sweep through the CLI on a file with a split column: split.json is exactly the given rows, and the
+    leak across them is in the manifest and the summary."""
+    path = given_csv(tmp_path / "given.csv")
+    overrides = {"data.max_examples": None, "sweep.num_samples": 2, "train.max_epochs": 1, "sweep.name": "given"}
+    run = cli([*tiny_args(tmp_path / "store", **overrides), f"data.path={path}", "data.split_column=split"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    exp = tmp_path / "store" / "given"
+    assert json.loads((exp / "split.json").read_text()) == {
+        "train": list(range(80)),
+        "val": list(range(80, 100)),
+        "test": list(range(100, 122)),
+    }
+    leaks = {"val": {"exact": 0, "near": 0}, "test": {"exact": 1, "near": 1}}
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["data"] == {"split_sizes": {"train": 80, "val": 20, "test": 22}, "leaks": leaks}
+    assert summary["test_size"] == 22
+    manifest = json.loads((exp / "manifest.json").read_text())
+    assert manifest["data"]["leaks"] == leaks
+    assert manifest["data"]["splits"]["test"]["source"] == f"{path} (split=test)"
