@@ -81,6 +81,9 @@ def load_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
             if duplicates["conflicting_labels"]
             else "",
         )
+    if given and "val" not in info["splits"]:  # reproducible from train, data.split and the seed: nothing to hash
+        carved = {"source": f"carved from train (data.split {list(cfg.split)})", "sha256": None}
+        info["splits"] = {"train": info["splits"]["train"], "val": carved, "test": info["splits"]["test"]}
     leaked = leaks(texts, parts)
     if any(n for split in leaked.values() for n in split.values()):
         log.warning(

@@ -159,9 +159,11 @@ def read_data(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     check_labels(df, cfg, where, sources)
     info: dict[str, Any] = {"source": where, "sha256": digest}
     if "split" in df:
+        parts = {n: df[df["split"] == n] for n in ("train", "val", "test")}
         info["splits"] = {
             n: {"source": sources[n], "rows": len(part), "sha256": content_sha256(part)}
-            for n, part in df.groupby("split", sort=False)
+            for n, part in parts.items()
+            if len(part)
         }
     return df, info
 

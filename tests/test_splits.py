@@ -66,7 +66,11 @@ def test_one_file_per_split_train_and_test_only(tmp_path: Path, tiny_data: TaskD
     assert (len(data.train), len(data.val)) == (82, 18)  # 100 * 0.15 / 0.85 = 17.6, rounded up by sklearn
     assert sorted(data.train.rows + data.val.rows) == list(range(100))
     assert np.bincount(data.val.labels).tolist() == [14, 4]  # stratified: a quarter spam (4.5, rounded down)
-    assert data.info["splits"]["test"]["source"] == str(tmp_path / "test.csv")
+    assert [(n, s["source"]) for n, s in data.info["splits"].items()] == [
+        ("train", str(tmp_path / "train.csv")),
+        ("val", "carved from train (data.split [0.7, 0.15, 0.15])"),
+        ("test", str(tmp_path / "test.csv")),
+    ]
     small = load_task(DataConfig(files=files, max_examples=40), tiny_data.tokenizer, seed=0)
     assert (len(small.train) + len(small.val), small.test.rows) == (40, list(range(30)))
 
