@@ -75,6 +75,8 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
     """Return a DataFrame with `text` and `label` columns (and `split`, train/val/test, with data.split_column), and
     the sha256 of the source file."""
     name = bundled_name(cfg.path)
+    if name is not None and cfg.split_column is not None:
+        raise UserError(f"data.split_column={cfg.split_column}: bundled:{name} has no split column; drop it")
     if name is not None:
         return read_bundled(name)
     path = Path(cfg.path)

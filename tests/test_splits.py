@@ -113,6 +113,10 @@ def test_files_and_hub_keys_validated() -> None:
         DataConfig(files={"train": "a.csv"})
     with pytest.raises(UserError, match="data.files and data.path=x.csv both name the data; give one of them"):
         DataConfig(path="x.csv", files={"train": "a.csv", "test": "b.csv"})
+    with pytest.raises(UserError, match="data.hf_config and data.revision belong to a hub dataset"):
+        DataConfig(path="x.csv", revision="v1")
+    with pytest.raises(UserError, match="data.split_column=split: bundled:sms_spam_collection has no split column"):
+        load_task(DataConfig(split_column="split"), None, seed=0)
 
 
 def test_changed_given_split_refused_on_resume(tmp_path: Path, tiny_data: TaskData) -> None:
