@@ -21,8 +21,9 @@ from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, config_from_yaml, plain, tuning_metric
-from lorahpo.data import read_parquet
+from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, config_from_yaml, tuning_metric
+from lorahpo.reading import read_parquet
+from lorahpo.schema import plain
 from lorahpo.space import distribution
 from lorahpo.storage import filesystem, read_bytes, read_text
 

@@ -134,3 +134,22 @@ def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> {key: value}; values parsed as YAML so `lr=1e-3`, `split=[0.7,0.3,0]` work."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def plain(value: Any) -> Any:
+    """A numpy/pandas scalar as the Python value it holds (for JSON and YAML)."""
+    return value.item() if hasattr(value, "item") else value

@@ -46,13 +46,14 @@ from lorahpo.checks import (
     local_nodes,
 )
 from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, config_yaml, to_dict
-from lorahpo.data import TaskData, load_task, read_parquet, split_rows
+from lorahpo.data import TaskData, load_task, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import best_statistics, final_block, fit_runs, make_plan, predictions_table, score_runs, trial_seeds
 from lorahpo.final import describe as describe_final
 from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
 from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
+from lorahpo.reading import read_parquet
 from lorahpo.repro import git_state, hardware, manifest, versions
 from lorahpo.results import (
     best_checkpoint,
@@ -258,6 +259,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
         summary["test_scored"] = 1 + len(meta.get("extensions", []))  # once per finalisation: the sweep, each extension
+        summary["data"] = {k: data.info[k] for k in ("split_sizes", "leaks")}
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
         recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}  # what the search saw
