@@ -51,9 +51,9 @@ from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, load_conf
 from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.prefix import open_prefix
-from lorahpo.results import history, load_experiment, ordered, trial_id
+from lorahpo.results import history, load_experiment, ordered
 from lorahpo.sources import load_tokenizer
-from lorahpo.storage import experiment_dir, location, read_bytes
+from lorahpo.storage import experiment_dir, location, read_bytes, trial_name
 from lorahpo.trainable import CKPT_NAME, TRIAL_LOG, fit, free_memory, library_logs, trial_threads, use_gpu
 
 # This file's name is that of a PyPI package, `tabulate`, that torch imports when it can: with bench/ on sys.path (where
@@ -215,7 +215,7 @@ def build_table(cfg: ExperimentConfig, points: list[dict[str, Any]], train_seed:
         frames.append(
             h.assign(
                 config_id=config_id,
-                trial_id=trial_id(r),
+                trial_id=trial_name(r),
                 train_seed=train_seed,
                 iter_s=h["time_this_iter_s"] - h["test_time_s"],
             )

@@ -126,6 +126,14 @@ def check_same_data(
     try:
         stored = json.loads(stored_manifest) if stored_manifest else {}
         old = stored.get("data", {})
+        for name, given in (old.get("splits") or {}).items():  # given splits: say which one changed
+            now = (data_info.get("splits") or {}).get(name, {}).get("sha256")
+            if given["sha256"] != now:
+                raise UserError(
+                    f"{flag}: the given {name} split ({given['source']}) differs from the one the sweep at {where} "
+                    f"started with (sha256 {given['sha256'][:12]} -> {str(now)[:12]}); restore it, or start a new "
+                    "sweep.name for the new data"
+                )
         for key, what in (("sha256", "the data file"), ("split_sha256", "the split")):
             if old.get(key) is not None and old.get(key) != data_info.get(key):
                 raise UserError(

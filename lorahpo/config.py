@@ -38,8 +38,8 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 @dataclass(frozen=True)
 class DataConfig:
     path: str | None = None
-    """CSV, TSV, JSONL or Parquet file, or a data set shipped with lorahpo: `bundled:sms_spam_collection` (what None
-    means) or `bundled:banking77_payments` (25 banking intents; configs/intents.yaml)."""
+    """CSV, TSV, JSONL or Parquet file; a `datasets` DatasetDict (a save_to_disk directory, or `hf:ID` on the hub); or
+    a bundled data set: `bundled:sms_spam_collection` (what None means), `bundled:banking77_payments` (intents)."""
     text_column: str = "text"
     """Column of the texts in a user's file (a bundled set has its own)."""
     label_column: str = "label"
@@ -47,9 +47,20 @@ class DataConfig:
     """Binary tasks: the class F-beta is computed for (and `train.class_weight` applies to). None: the second label
     in sorted order (1 for 0/1 labels)."""
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    """train/val/test fractions. The test split is scored once, for the best trial, at the end of a sweep."""
+    """train/val/test fractions. The test split is scored once, for the best trial, at the end of a sweep. With given
+    splits, val takes split[1] / (split[0] + split[1]) of train when no val split is given."""
+    split_column: str | None = None
+    """Column of data.path that gives each row's split (train, validation|val|dev, test): the splits are then kept."""
+    files: dict[str, str] = field(default_factory=dict)
+    """One file per given split instead of data.path: {train: PATH, val: PATH, test: PATH} (val optional)."""
+    hf_config: str | None = None
+    """`data.path: hf:ID` (a Hugging Face hub dataset): its config name."""
+    revision: str | None = None
+    """`data.path: hf:ID`: the branch, tag or commit to pin the data a paper reports."""
+    hf_splits: dict[str, str] = field(default_factory=dict)
+    """A `datasets` source: which of its splits are train, val and test (default: train, validation|val|dev, test)."""
     max_examples: int | None = None
-    """Stratified, seeded subsample of the whole data set before splitting (CPU budgets); None keeps all."""
+    """Stratified, seeded subsample before splitting (given splits: of train only; CPU budgets); None keeps all."""
     max_length: int = 64
     """Token budget per text; longer texts are truncated and counted in the data report."""
 
@@ -65,6 +76,13 @@ class DataConfig:
             raise UserError(f"data.max_length={self.max_length} must be >= 2")
         if self.max_examples is not None and self.max_examples < 10:
             raise UserError(f"data.max_examples={self.max_examples} must be >= 10 (or null for all)")
+        for key, given in (("files", self.files), ("hf_splits", self.hf_splits)):
+            if set(given) - {"train", "val", "test"} or (given and not {"train", "test"} <= set(given)):
+                raise UserError(f"data.{key}={given} must name train and test (and val if given), nothing else")
+        if self.files and self.path is not None:
+            raise UserError(f"data.files and data.path={self.path} both name the data; give one of them")
+        if (self.hf_config or self.revision) and not str(self.path).startswith("hf:"):
+            raise UserError("data.hf_config and data.revision belong to a hub dataset (data.path=hf:ID); drop them")
 
 
 @dataclass(frozen=True)

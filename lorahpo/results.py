@@ -20,16 +20,9 @@ from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from lorahpo.config import (
-    VAL_METRICS,
-    ExperimentConfig,
-    apply_overrides,
-    config_from_yaml,
-    direction,
-    plain,
-    tuning_metric,
-)
-from lorahpo.data import read_parquet
+from lorahpo.config import VAL_METRICS, ExperimentConfig, apply_overrides, config_from_yaml, direction, tuning_metric
+from lorahpo.reading import read_parquet
+from lorahpo.schema import plain
 from lorahpo.space import distribution
 from lorahpo.storage import filesystem, read_bytes, read_text, trial_name, trial_number
 

@@ -41,8 +41,8 @@ from transformers import (
 )
 
 from lorahpo.config import ModelConfig
-from lorahpo.data import BUNDLED_PATH
 from lorahpo.errors import UserError
+from lorahpo.reading import BUNDLED_PATH
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,14 @@ from lorahpo.checks import (
     local_nodes,
 )
 from lorahpo.config import METRICS, ExperimentConfig, config_yaml, to_dict
-from lorahpo.data import TaskData, load_task, read_parquet, split_rows
+from lorahpo.data import TaskData, load_task, split_rows
 from lorahpo.errors import Interrupted, SweepFailed, UserError
 from lorahpo.final import describe as describe_final
 from lorahpo.final import final_block, fit_runs, make_plan, score_runs, trial_seeds
 from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
 from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
+from lorahpo.reading import read_parquet
 from lorahpo.repro import cpu_has_bf16, cuda_bf16, git_state, hardware, manifest, trial_task_options, versions
 from lorahpo.results import best_checkpoint, best_row, row_config, write_tables
 from lorahpo.sources import load_model_config, load_tokenizer
@@ -246,6 +247,7 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
         scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
         summary["test_scored"] = 1 + len(meta.get("extensions", []))  # once per finalisation: the sweep, each extension
+        summary["data"] = {k: data.info[k] for k in ("split_sizes", "leaks")}
         summary["best_export"] = scored["format"]
         summary["best_val_rescored"] = {f"val_{k}": v for k, v in scored["val"].items()}
         recorded = {f"val_{m}": float(best[f"best_epoch_val_{m}"]) for m in TEST_METRICS}  # what the search saw

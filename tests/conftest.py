@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 from lorahpo.config import ExperimentConfig, apply_overrides, load_config
-from lorahpo.data import BUNDLED_PATH, TaskData, load_task
+from lorahpo.data import TaskData, load_task
+from lorahpo.reading import BUNDLED_PATH
 from lorahpo.sources import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ TINY = {
 
 def word(i: int) -> str:
     """A distinct word per number, without digits: texts that differ only in a digit are near-duplicates
-    (lorahpo.data.near_key), so synthetic texts spell their number in letters."""
+    (lorahpo.splitting.near_key), so synthetic texts spell their number in letters."""
     return "".join("abcdefghij"[int(d)] for d in str(i))
 
 

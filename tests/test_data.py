@@ -6,20 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import lorahpo.data as data_module
+import lorahpo.splitting as splitting_module
 from lorahpo.config import DataConfig, load_config
-from lorahpo.data import (
-    BUNDLED_SHA256,
-    LengthGroupedBatches,
-    TaskData,
-    label_map,
-    load_task,
-    make_loader,
-    near_key,
-    read_table,
-    split_indices,
-)
+from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader
 from lorahpo.errors import UserError
+from lorahpo.reading import BUNDLED_SHA256, read_table
+from lorahpo.splitting import label_map, near_key, split_indices
 
 from .conftest import word
 
@@ -133,7 +125,7 @@ def test_near_duplicates_never_straddle_the_default_split(tiny_data: TaskData, r
     punctuation and case are dropped. Under the old rule (case and whitespace only) 8 test texts did, 6 of them spam:
     voicemail templates one digit apart, "...meeting" vs "...meeting."."""
     if rule != "near":
-        monkeypatch.setattr(data_module, "near_key", data_module.normalise)
+        monkeypatch.setattr(splitting_module, "near_key", splitting_module.normalise)
     cfg = load_config().data
     data = load_task(cfg, tiny_data.tokenizer, seed=42)
     texts = read_table(cfg)[0]["text"]

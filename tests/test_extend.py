@@ -19,9 +19,10 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 import tune_lora
 from lorahpo.compat import grown_search
 from lorahpo.config import ExperimentConfig, config_yaml
-from lorahpo.data import BUNDLED_PATH, load_task
+from lorahpo.data import load_task
 from lorahpo.ordered import BatchSearcher
 from lorahpo.owner import hold
+from lorahpo.reading import BUNDLED_PATH
 from lorahpo.repro import manifest
 from lorahpo.sources import load_tokenizer
 

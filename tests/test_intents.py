@@ -14,21 +14,13 @@ import yaml
 
 import tune_lora
 from lorahpo.config import DataConfig, ExperimentConfig, apply_overrides, config_from_yaml, load_config
-from lorahpo.data import (
-    BUNDLED,
-    BUNDLED_SHA256,
-    RESOURCES,
-    TaskData,
-    file_sha256,
-    label_map,
-    load_task,
-    read_table,
-    source,
-)
+from lorahpo.data import TaskData, load_task
 from lorahpo.errors import UserError
 from lorahpo.module import evaluate
 from lorahpo.prefix import build_in_memory, plan_prefix
+from lorahpo.reading import BUNDLED, BUNDLED_SHA256, RESOURCES, file_sha256, read_table, source
 from lorahpo.sources import load_model_config
+from lorahpo.splitting import label_map
 from lorahpo.trainable import CKPT_NAME, fit, load_trained
 
 from .conftest import ROOT, tiny_args

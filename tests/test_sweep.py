@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from lorahpo.config import load_config, to_dict
-from lorahpo.data import BUNDLED_PATH, load_task
+from lorahpo.data import load_task
 from lorahpo.prefix import build_in_memory, plan_prefix
+from lorahpo.reading import BUNDLED_PATH
 from lorahpo.results import load_experiment, load_journal, read_tables, study_differences
 from lorahpo.sources import load_model_config, load_tokenizer
 from lorahpo.trainable import fit

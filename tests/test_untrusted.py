@@ -97,7 +97,7 @@ def test_a_poisoned_data_file_is_refused_before_anything_runs(tmp_path: Path) ->
 
 def test_a_poisoned_extension_nested_in_a_list_is_refused(tmp_path: Path) -> None:
     """The type can hide inside a list or a dictionary column: the check looks inside every nested type."""
-    from lorahpo.data import read_parquet
+    from lorahpo.reading import read_parquet
 
     marker = tmp_path / "pwned"
     cells = pa.array([pickle.dumps(Payload(marker))], type=pa.large_binary())
