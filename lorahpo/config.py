@@ -175,20 +175,13 @@ class SweepConfig:
     batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
     (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
     planning_lag: int = 2
-    """Deterministic sweeps: batch k is planned from the trials of batches <= k - planning_lag. 1: the searcher learns
-    from every earlier batch, and a batch waits for the one before it; 2: one batch keeps slots busy while the next
-    waits for the one before. Results depend on it; keep it fixed."""
+    """Deterministic sweeps: batch k is planned from the trials of batches <= k - planning_lag (results vary)."""
     told: Literal["final", "first_rung"] = "final"
-    """Deterministic sweeps: what the searcher learns of a trial. `final`: its value when it ended (its running best:
-    a trial ASHA stopped at its first rung next to a promoted trial's later epochs). `first_rung`: its running best
-    after `grace_period` epochs, a fidelity every trial reaches, so all are compared alike, and a batch waits only for
-    the trials it learns from to reach it, not to end."""
+    """Deterministic sweeps: the searcher learns a trial's value when it ended (`final`), or its running best after
+    `grace_period` epochs (`first_rung`: a fidelity every trial reaches, so all are compared alike)."""
     rung_min_trials: int = 1
-    """Deterministic ASHA: a trial among the first n to reach a rung is judged against all the others of those n
-    (waiting, paused, for the later ones), as synchronous successive halving would, instead of against the few trials
-    before it (ASHA promotes nearly every early trial, each promotion costing the epochs to the next rung). 1: ASHA's
-    rule from the first trial. Needs told=first_rung when above trials_per_batch x planning_lag (the later trials must
-    be planned while the earlier wait)."""
+    """Deterministic ASHA: the first n trials to reach a rung are judged against all n (the early ones wait, paused),
+    as synchronous successive halving would. Above trials_per_batch x planning_lag it needs told=first_rung."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""

@@ -61,6 +61,8 @@ def _record(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | str | None
         value = json.loads(read_bytes(fs, path) or b"")
     except (ValueError, RecursionError):  # also what is not UTF-8, and nesting deeper than Python's stack
         return "not JSON"
+    except FileNotFoundError:  # superseded by a newer generation between listing and reading it
+        return None
     except OSError as e:  # e.g. another user's file, not readable
         return f"unreadable: {e}"
     return value if isinstance(value, dict) else "not a JSON object"

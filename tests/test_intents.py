@@ -87,7 +87,8 @@ def test_bundled_names_resolve_and_a_wrong_one_is_one_line() -> None:
         read_table(DataConfig(path="bundled:banking77"))
     assert str(e.value) == (
         "data.path=bundled:banking77: there is no bundled data set 'banking77'; choose one of "
-        "bundled:banking77_payments, bundled:sms_spam_collection, or give a CSV, TSV, JSONL or Parquet file"
+        "bundled:banking77_payments, bundled:hwu64_assistant, bundled:sms_spam_collection, or give a CSV, TSV, JSONL "
+        "or Parquet file"
     )
 
 

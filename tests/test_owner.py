@@ -235,6 +235,7 @@ def owner_record(**fields: object) -> dict:
     from lorahpo.owner import _machine, _started
 
     now = time.time()
+    fields = {"heartbeat": now - fields.pop("age"), **fields} if "age" in fields else fields
     me = {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(), "token": "t"}
     return {**me, "pid_start": _started(os.getpid()), "started": now, "heartbeat": now, "flag": None, **fields}
 
@@ -254,8 +255,8 @@ ELSEWHERE = {"host": "node-7", "machine": "another machine", "pid": 4242}
         ({"pid_start": 1.0e9}, False),  # its pid, but another process's start time: a recycled pid
         ({"pid": -1}, None),  # not a record lorahpo writes
         ({"released": 1.0e9}, False),
-        ({**ELSEWHERE, "heartbeat": time.time() - 60}, True),  # another machine, heartbeat fresh
-        ({**ELSEWHERE, "heartbeat": time.time() - 301}, False),  # another machine, silent for longer than STALE_S
+        ({**ELSEWHERE, "age": 60}, True),  # another machine, heartbeat fresh
+        ({**ELSEWHERE, "age": 301}, False),  # another machine, silent for longer than STALE_S
         ({**ELSEWHERE, "released": 1.0e9}, False),
     ],
 )
