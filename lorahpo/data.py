@@ -129,7 +129,10 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         raise UserError(f"data.path={cfg.path} is empty")
     try:
         if kind in ("csv", "tsv"):
-            df = pd.read_csv(path, sep="," if kind == "csv" else "\t", encoding="utf-8")
+            # only an empty cell is missing: a class or a text "None", "NA" or "null" is a string (as in read_bundled)
+            df = pd.read_csv(
+                path, sep="," if kind == "csv" else "\t", encoding="utf-8", keep_default_na=False, na_values=[""]
+            )
         elif kind == "jsonl":
             df = pd.read_json(path, lines=True, encoding="utf-8")
         else:
@@ -158,6 +161,11 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         raise UserError(
             f"{int(df['label'].isna().sum())} rows of {cfg.path} have no label "
             f"(column {cfg.label_column!r}); remove them or label them"
+        )
+    nested = df["label"].map(lambda v: isinstance(v, (list, dict)))
+    if nested.any():
+        raise UserError(
+            f"{int(nested.sum())} labels of {cfg.path} are lists or objects; a label is one string or number"
         )
     return df.assign(text=df["text"].astype(str)), file_sha256(path)
 

@@ -200,3 +200,22 @@ def test_collate_pads_right_with_tokenizer_pad_id(tiny_data: TaskData) -> None:
     assert ids.shape == mask.shape and ids.shape[0] == 8
     assert bool(((ids == pad) == (mask == 0)).all())
     assert bool((mask[:, 0] == 1).all())  # right padding: real tokens first
+
+
+@pytest.mark.parametrize("sep", [",", "\t"], ids=["csv", "tsv"])
+def test_words_pandas_reads_as_missing_are_strings_in_a_users_file(tmp_path: Path, sep: str) -> None:
+    """pandas reads "None", "NA", "null", "N/A", ... as NaN by default: a class named None would be 'no label' and the
+    SMS "NA" 'an empty text'. Only an empty cell is missing (as in the bundled reader)."""
+    words = ["None", "NA", "null", "N/A", "nan", "NULL"]
+    path = tmp_path / ("d.csv" if sep == "," else "d.tsv")
+    rows = {"text": [f"{w} {word(i)}" if i % 2 else w for i, w in enumerate(words * 2)], "label": words * 2}
+    pd.DataFrame(rows).to_csv(path, sep=sep, index=False)
+    df, _ = read_table(DataConfig(path=str(path)))
+    assert df["text"].tolist() == rows["text"] and df["label"].tolist() == rows["label"]
+    assert label_map(df["label"], None) == sorted(words)
+    (tmp_path / "e.csv").write_text("text,label\nhello,spam\n,ham\nbye,\n")
+    with pytest.raises(UserError, match=r"^1 of 3 rows of .*e.csv have an empty or missing text"):
+        read_table(DataConfig(path=str(tmp_path / "e.csv")))
+    (tmp_path / "e.csv").write_text("text,label\nhello,spam\nhi,ham\nbye,\n")
+    with pytest.raises(UserError, match=r"^1 rows of .*e.csv have no label"):
+        read_table(DataConfig(path=str(tmp_path / "e.csv")))
