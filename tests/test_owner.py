@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 import tune_lora
+from lorahpo import owner
 from lorahpo.config import config_yaml
 
 from .conftest import DELAYS_ENV, cli, cli_background, tiny_args, tiny_config, wait_for
@@ -414,6 +415,36 @@ def test_a_killed_drivers_sweep_resumes(tmp_path: Path, procs: list) -> None:
     assert json.loads((exp / ".lorahpo-owner.2").read_text())["flag"] == "--resume"
 
 
+@pytest.mark.slow
+def test_a_sweep_taken_over_mid_run_stops_as_on_ctrl_c(tmp_path: Path, procs: list, monkeypatch) -> None:
+    """The real CLI mid-sweep (trial 1 running, its state in storage), stopped (SIGSTOP) past the stale time and taken
+    over by a driver elsewhere: on SIGCONT its heartbeat stops the sweep through Tune's own Ctrl-C handling; it exits
+    130 with one line saying another driver took the sweep, and what it wrote stays. Stand-ins as in HOLDER."""
+    args = tiny_args(tmp_path, **SMALL, **{"sweep.name": "woke"})
+    driver = "import sys; from lorahpo import owner; owner._machine = lambda: 'another machine'; "
+    driver += "owner.HEARTBEAT_S = 0.5; import tune_lora; sys.exit(tune_lora.main(sys.argv[1:]))"
+    log = tmp_path / "driver.log"
+    env = {**os.environ, DELAYS_ENV: json.dumps({"1": [str(tmp_path / "never"), 0]}), **HELD_ENV}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver, *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    procs.append(proc)
+    exp = tmp_path / "woke"
+    wait_for(lambda: waiting(exp, log), 300, "trial 1 waiting, the sweep's state in storage")
+    os.kill(proc.pid, signal.SIGSTOP)
+    monkeypatch.setattr(owner, "STALE_S", 3.0)
+    first = exp / ".lorahpo-owner.1"
+    wait_for(lambda: time.time() - json.loads(first.read_text())["heartbeat"] > 3.5, 30, "a stale heartbeat")
+    with owner.hold(tiny_config(**{"sweep.storage_path": str(tmp_path), "sweep.name": "woke"}), "--resume") as held:
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith(f"interrupted: another driver took over the sweep at {exp}: "), last
+        assert "released" not in json.loads((exp / held).read_text())
+    assert (exp / "tuner.pkl").exists() and (exp / "manifest.json").exists()  # kept, for the driver that took over
+
+
 def test_a_silent_owner_elsewhere_is_gone_after_the_stale_time(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """An owner record from another machine: refused while its heartbeat is fresh, free once it is stale."""
     exp = sweep_dir(tmp_path / "store" / "s")
@@ -426,6 +457,65 @@ def test_a_silent_owner_elsewhere_is_gone_after_the_stale_time(tmp_path: Path, c
     assert tree(tmp_path) == before
     (exp / ".lorahpo-owner.4").write_text(json.dumps({**record, "heartbeat": time.time() - 301}))
     assert tune_lora.main([*args, "--dry-run"]) == 0
+
+
+# A driver that holds a sweep and works until it is stopped, ending as tune_lora.main ends an Interrupted sweep.
+# Named stand-ins: "another machine" (owner._machine) so that a driver here judges it by its heartbeat alone, and a
+# heartbeat every 0.5 s instead of 30 s.
+HOLDER = """
+import sys, time
+from lorahpo import owner
+from lorahpo.config import load_config
+from lorahpo.errors import Interrupted
+owner._machine = lambda: "another machine"
+owner.HEARTBEAT_S = 0.5
+cfg = load_config(None, {"sweep.storage_path": sys.argv[1], "sweep.name": "s"})
+try:
+    with owner.hold(cfg, None):
+        print("holding", flush=True)
+        while True:  # the sweep's work
+            print("working", time.time(), flush=True)
+            time.sleep(0.2)
+except Interrupted as e:
+    print(f"interrupted: {e}", file=sys.stderr, flush=True)
+    sys.exit(130)
+"""
+
+
+def test_a_driver_that_wakes_after_a_takeover_stops(tmp_path: Path, procs: list, monkeypatch) -> None:
+    """A holder silent for longer than STALE_S (SIGSTOP: a laptop that slept) is taken over by a driver elsewhere;
+    when it wakes (SIGCONT), its heartbeat finds the newer owner and it stops at once (its own SIGINT), exits 130
+    with one line saying so, and leaves the new holder's record alone."""
+    store, out, err = tmp_path / "store", tmp_path / "holder.out", tmp_path / "holder.err"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store)],
+        stdout=open(out, "w"),
+        stderr=open(err, "w"),
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    procs.append(holder)
+    wait_for(lambda: "holding" in out.read_text(), 180, "the first driver to hold the sweep")
+    os.kill(holder.pid, signal.SIGSTOP)
+    monkeypatch.setattr(owner, "STALE_S", 3.0)  # stand-in for 300 s
+    first = store / "s" / ".lorahpo-owner.1"
+    wait_for(lambda: time.time() - json.loads(first.read_text())["heartbeat"] > 3.5, 30, "a stale heartbeat")
+    cfg = tiny_config(**{"sweep.storage_path": str(store), "sweep.name": "s"})
+    with owner.hold(cfg, "--resume") as held:  # this driver takes the sweep over
+        assert held == ".lorahpo-owner.2" and not first.exists()
+        token = json.loads((store / "s" / held).read_text())["token"]
+        woke = time.time()
+        os.kill(holder.pid, signal.SIGCONT)
+        assert holder.wait(timeout=60) == 130, err.read_text()[-2000:]
+        ticks = [float(line.split()[1]) for line in out.read_text().splitlines() if line.startswith("working")]
+        assert len([t for t in ticks if t > woke]) <= 3  # stopped at its first heartbeat after waking
+        assert err.read_text().strip().splitlines()[-1] == (
+            f"interrupted: another driver took over the sweep at {store / 's'}: this driver's heartbeat was older "
+            "than 300 s (a machine that slept, a stopped process), so it counted as gone; this driver stopped, "
+            "keeping what its trials wrote, and the other one runs the sweep now"
+        )
+        record = json.loads((store / "s" / held).read_text())
+        assert record["token"] == token and "released" not in record  # the first driver left it alone
 
 
 @pytest.fixture(scope="module")
