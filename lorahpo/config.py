@@ -381,7 +381,7 @@ def load_config(
 
 def config_from_yaml(text: str) -> ExperimentConfig:
     """A config from YAML text (e.g. an experiment's config.yaml read from S3)."""
-    return build(ExperimentConfig, load_yaml(text, "the sweep's config.yaml") or {})
+    return build(ExperimentConfig, load_yaml(text, "it") or {})  # "it": the caller names the file
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

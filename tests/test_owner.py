@@ -196,12 +196,23 @@ def finished_sweep(tmp: Path, **files: bytes) -> tuple[Path, list[str]]:
     return exp, args
 
 
+# a 1 KB config.yaml of 10^9 values (aliases of aliases) in a choice list: every walk over it would visit them all
+BOMB = "search:\n  lora.dropout:\n    type: categorical\n    choices:\n    - &b0 [x, x, x, x, x, x, x, x, x, x]\n"
+BOMB = (BOMB + "".join(f"    - &b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]\n" for i in range(1, 9))).encode()
+
+
 @pytest.mark.parametrize(
     ("flag", "name", "data", "why"),
     [
         ("--resume", "config.yaml", b"[1, 2]", "is not a lorahpo config (config section <top> must be a mapping"),
-        ("--resume", "config.yaml", b"train: [unclosed", "is not a lorahpo config (while parsing a flow sequence)"),
+        (
+            "--resume",
+            "config.yaml",
+            b"train: [unclosed",
+            "is not a lorahpo config (it is not valid YAML: while parsing a flow",
+        ),
         ("--resume", "config.yaml", b"\xff\xfe\x00\x01", "is not a lorahpo config ("),
+        ("--resume", "config.yaml", BOMB, "is not a lorahpo config (it holds more than 100000 values once its YAML"),
         ("--final", "config.yaml", b"- a\n- b\n", "is not a lorahpo config (config section <top> must be a mapping"),
         ("--final", "config.yaml", bytes(range(256)), "is not a lorahpo config ("),
         ("--final", "summary.json", b"{not json", "is not a summary lorahpo wrote"),
