@@ -113,6 +113,8 @@ def check_sweep(cfg: ExperimentConfig) -> None:
         why = f"no {SWEEP_MARKER} marker"
     elif isinstance(marker, str) or not all(isinstance(marker.get(k), str) for k in ("name", "created")):
         why = f"its {SWEEP_MARKER} marker is not one lorahpo wrote: {marker if isinstance(marker, str) else 'fields'}"
+    elif marker["name"] != cfg.sweep.name:  # a sweep's marker copied elsewhere (the directory is named after it)
+        why = f"its {SWEEP_MARKER} marker is that of the sweep {marker['name']!r}"
     else:
         return
     raise UserError(
@@ -282,7 +284,9 @@ def wipe(cfg: ExperimentConfig, keep: str) -> None:
     try:
         if not _local(fs):
             for info in fs.get_file_info(pyarrow.fs.FileSelector(exp)):
-                if info.base_name != keep:
+                if info.path.rstrip("/") == exp.rstrip("/"):  # keys with an empty segment (`s//x`) list as `exp`
+                    log.warning("--overwrite: keys under %s// are left (pyarrow cannot address them)", exp)
+                elif info.base_name != keep:
                     (fs.delete_dir if info.type == pyarrow.fs.FileType.Directory else fs.delete_file)(info.path)
             return
         fd = os.open(exp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)

@@ -128,6 +128,11 @@ NOT_OURS = "its .lorahpo-sweep marker is not one lorahpo wrote: "
         (marker_is("{" + " " * 5_000_000 + "}"), NOT_OURS + "not a file of at most 4096 bytes"),
         (marker_is("[1, 2]"), NOT_OURS + "not a JSON object"),
         (marker_is('{"seed": 42}'), NOT_OURS + "fields"),
+        # a copy of another sweep's marker (e.g. `cp -a` of a sweep's files into a folder of one's own)
+        (
+            marker_is(MARKER.replace('"s"', '"lora_sweep"')),
+            "its .lorahpo-sweep marker is that of the sweep 'lora_sweep'",
+        ),
         (marker_is("dir"), NOT_OURS + "not a file of at most 4096 bytes"),
         (marker_is("link"), NOT_OURS + "a link"),
         (marker_is("dangling link"), NOT_OURS + "a link"),
@@ -145,6 +150,7 @@ NOT_OURS = "its .lorahpo-sweep marker is not one lorahpo wrote: "
         "marker-huge",
         "marker-list",
         "marker-other-fields",
+        "marker-of-another-sweep",
         "marker-directory",
         "marker-link",
         "marker-dangling-link",
@@ -359,6 +365,28 @@ def test_wipe_removes_links_never_their_targets(tmp_path: Path) -> None:
     wipe(tiny_config(**{"sweep.storage_path": str(tmp_path / "store"), "sweep.name": "s"}), ".lorahpo-owner.2")
     assert tree(home) == before
     assert [p.name for p in exp.iterdir()] == [".lorahpo-owner.2"]
+
+
+@pytest.mark.slow
+def test_s3_wipe_keeps_its_owner_record_past_a_key_with_an_empty_segment(s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key with an empty segment (`s//x`, legal in S3) lists as an entry whose path is the sweep directory itself;
+    deleting that entry deleted the whole directory, this driver's owner record included (another driver could then
+    take the sweep), and the wipe then failed on the entries already gone. pyarrow cannot address such a key: it is
+    left, everything else but the owner record goes."""
+    from lorahpo import owner
+
+    from .test_cluster import AWS_ENV, BUCKET
+
+    for k, v in AWS_ENV.items():
+        monkeypatch.setenv(k, v)
+    cfg = tiny_config(
+        **{"sweep.storage_path": f"s3://{BUCKET}/odd", "sweep.name": "s", "sweep.s3_endpoint": s3.endpoint}
+    )
+    for key, body in ((".lorahpo-sweep", MARKER.encode()), ("results.parquet", b"x"), ("/x", b"x")):
+        s3.client().put_object(Bucket=BUCKET, Key=f"odd/s/{key}", Body=body)
+    with owner.hold(cfg, "--overwrite") as held:
+        owner.wipe(cfg, keep=held)
+        assert {k for k in s3.keys("odd/s/") if not k.endswith("/")} == {"odd/s//x", f"odd/s/{held}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
