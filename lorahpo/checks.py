@@ -10,6 +10,7 @@ import os
 import platform
 from typing import Any
 
+import optuna
 import ray
 import torch
 import yaml
@@ -85,13 +86,17 @@ def check_points(cfg: ExperimentConfig) -> None:
             raise UserError(f"{where} lacks {', '.join(missing)}; give a value for every key of the search space")
         for key, value in point.items():
             dist = space[key]
-            try:
-                inside = dist._contains(dist.to_internal_repr(value))
-            except (ValueError, TypeError):
-                inside = False
-            if not inside:
+            if not inside(dist, value):
                 allowed = dist.choices if hasattr(dist, "choices") else f"[{dist.low}, {dist.high}]"
                 raise UserError(f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it")
+
+
+def inside(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Is `value` a value the distribution can draw (of its type, in its range or among its choices)?"""
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
 
 
 # Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may, except
@@ -218,6 +223,14 @@ def check_finished(cfg: ExperimentConfig) -> None:
         raise UserError(f"--final: {where}/summary.json is not a summary lorahpo wrote; restore it, or --resume")
     if best is None:
         raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
+    # the final runs apply best_params as overrides: only the search space's keys, each a value a trial could draw
+    params, space = summary["best_params"], optuna_space(cfg)
+    wrong = sorted(set(params) ^ set(space)) or [k for k in space if not inside(space[k], params[k])]
+    if wrong:
+        raise UserError(
+            f"--final: {where}/summary.json is not a summary lorahpo wrote: its best_params do not fit the search "
+            f"space ({', '.join(wrong)}: missing, foreign or outside it); restore it, or --resume"
+        )
 
 
 def cpu_has_bf16() -> bool:

@@ -194,7 +194,9 @@ def finished_sweep(tmp: Path, **files: bytes) -> tuple[Path, list[str]]:
     contents = {
         "tuner.pkl": b"",  # its presence is what Tune's can_restore checks; nothing here reaches the unpickling
         "config.yaml": config_yaml(cfg).encode(),
-        "summary.json": json.dumps({"best_trial": "trial_000_x", "best_params": {"train.lr": 1e-3}}).encode(),
+        "summary.json": json.dumps(
+            {"best_trial": "trial_000_x", "best_params": cfg.sweep.points_to_evaluate[0]}
+        ).encode(),
         "manifest.json": b"{}",
     }
     for name, data in {**contents, **files}.items():
@@ -205,6 +207,12 @@ def finished_sweep(tmp: Path, **files: bytes) -> tuple[Path, list[str]]:
 # a 1 KB config.yaml of 10^9 values (aliases of aliases) in a choice list: every walk over it would visit them all
 BOMB = "search:\n  lora.dropout:\n    type: categorical\n    choices:\n    - &b0 [x, x, x, x, x, x, x, x, x, x]\n"
 BOMB = (BOMB + "".join(f"    - &b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]\n" for i in range(1, 9))).encode()
+
+
+# best_params that would make the final runs load a model directory from the same storage with its remote code
+PLANTED = json.dumps(
+    {"best_trial": "t", "best_params": {"train.lr": 1e-3, "model.name": "/x", "model.trust_remote_code": True}}
+).encode()
 
 
 @pytest.mark.parametrize(
@@ -225,6 +233,7 @@ BOMB = (BOMB + "".join(f"    - &b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]\n"
         ("--final", "summary.json", b"[]", "is not a summary lorahpo wrote"),
         ("--final", "summary.json", b'{"best_trial": "t"}', "is not a summary lorahpo wrote"),
         ("--final", "summary.json", b"[" * 100_000 + b"]" * 100_000, "is not a summary lorahpo wrote"),
+        ("--final", "summary.json", PLANTED, "is not a summary lorahpo wrote: its best_params do not fit the search"),
         ("--resume", "manifest.json", b"[" * 100_000, "is not a manifest lorahpo wrote"),
         ("--resume", "manifest.json", b"\x00\xffgarbage", "is not a manifest lorahpo wrote"),
         ("--final", "manifest.json", b'{"data": 5}', "is not a manifest lorahpo wrote"),
