@@ -75,13 +75,20 @@ def check_points(cfg: ExperimentConfig) -> None:
             raise UserError(f"{where} lacks {', '.join(missing)}; give a value for every key of the search space")
         for key, value in point.items():
             dist = space[key]
-            try:  # Optuna's own check of a param against its distribution (a trial made of it is validated)
-                optuna.trial.create_trial(params={key: value}, distributions={key: dist}, value=0.0)
-            except (ValueError, TypeError):
+            if not inside(dist, value):
                 allowed = dist.choices if hasattr(dist, "choices") else f"[{dist.low}, {dist.high}]"
                 raise UserError(
                     f"{where}: {key}={value!r} is outside search.{key} {allowed}; use a value inside it"
                 ) from None
+
+
+def inside(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Is `value` a value the distribution can draw (of its type, in its range or among its choices)?"""
+    try:  # Optuna's own check of a param against its distribution (a trial made of it is validated)
+        optuna.trial.create_trial(params={"p": value}, distributions={"p": dist}, value=0.0)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 # Where an experiment lives may change between runs (a moved directory, another endpoint); nothing else may, except
@@ -204,6 +211,14 @@ def check_finished(cfg: ExperimentConfig) -> None:
     if summary["best_trial"] is None:
         where = display(cfg, experiment=True)
         raise UserError(f"--final: every trial of the sweep at {where} failed; there is no best config to evaluate")
+    # the final runs apply best_params as overrides: only the search space's keys, each a value a trial could draw
+    params, space = summary["best_params"], optuna_space(cfg)
+    wrong = sorted(set(params) ^ set(space)) or [k for k in space if not inside(space[k], params[k])]
+    if wrong:
+        raise UserError(
+            f"--final: {display(cfg, experiment=True)}/summary.json is not a summary lorahpo wrote: its best_params do "
+            f"not fit the search space ({', '.join(wrong)}: missing, foreign or outside it); restore it, or --resume"
+        )
 
 
 def check_extend(cfg: ExperimentConfig) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from lorahpo.errors import UserError
-from lorahpo.schema import build, parse_overrides, plain, unknown_key, valid_keys
+from lorahpo.schema import build, load_yaml, parse_overrides, plain, unknown_key, valid_keys
 
 # The ONE list of evaluation metrics and their direction: the LightningModule computes them, each split's columns
 # (`val_*`, `test_*`) and every table derive from it. The tuning metric is the running best of `train.metric`
@@ -151,6 +151,10 @@ class TrainConfig:
             raise UserError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.class_weight <= 0:
             raise UserError(f"train.class_weight={self.class_weight} must be > 0")
+        if self.weight_decay < 0:
+            raise UserError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise UserError(f"train.num_threads={self.num_threads} must be >= 1 (or null: the trial's CPU share)")
         if self.metric not in VAL_METRICS:
             raise UserError(f"train.metric={self.metric!r} is not a metric; choose one of {sorted(VAL_METRICS)}")
         if self.mode != VAL_METRICS[self.metric]:
@@ -280,8 +284,8 @@ class FinalConfig:
     search space's keys. Without it there is no tuning gain, only the tuned config's spread over seeds."""
 
     def __post_init__(self) -> None:
-        if self.seeds < 0:
-            raise UserError(f"final.seeds={self.seeds} must be >= 0 (0 turns the final evaluation off)")
+        if not 0 <= self.seeds <= 1000:  # each seed re-trains the best config (and the baseline): about a trial each
+            raise UserError(f"final.seeds={self.seeds} must be >= 0 (0 turns the final evaluation off) and <= 1000")
 
 
 @dataclass(frozen=True)
@@ -298,8 +302,8 @@ class ExperimentConfig:
     """Search space keyed by dotted config path."""
 
     def __post_init__(self) -> None:
-        if self.seed is None or self.seed < 0:
-            raise UserError(f"seed={self.seed} must be a non-negative integer")
+        if self.seed is None or not 0 <= self.seed < 2**32:  # numpy's and scikit-learn's seed range
+            raise UserError(f"seed={self.seed} must be an integer from 0 to 2**32 - 1 (e.g. seed=42)")
         for key, spec in self.search.items():
             _validate_spec(key, spec)
         if self.final.seeds > 0 and self.data.split[2] == 0:
@@ -374,15 +378,15 @@ def load_config(
     if not path.is_file():
         raise UserError(f"config file {path} does not exist (pass --config PATH to an existing YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raw = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return apply_overrides(build(ExperimentConfig, raw), overrides or {})
 
 
 def config_from_yaml(text: str) -> ExperimentConfig:
     """A config from YAML text (e.g. an experiment's config.yaml read from S3)."""
-    return build(ExperimentConfig, yaml.safe_load(text) or {})
+    return build(ExperimentConfig, load_yaml(text, "it") or {})  # "it": the caller names the file
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | dict[str, Any]) -> ExperimentConfig:

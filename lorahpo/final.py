@@ -59,12 +59,14 @@ SEED_STREAM = 0x66696E616C  # "final"
 def final_seeds(root: int, k: int, used: set[int]) -> list[int]:
     """k distinct seeds from (root seed, run index), skipping any in `used` (the seeds the sweep's trials ran with)."""
     seeds: list[int] = []
+    seen = set(used)  # a set: final.seeds may be large, and a list's `in` would make this quadratic
     index = 0
     while len(seeds) < k:
         state = np.random.SeedSequence(root, spawn_key=(SEED_STREAM, index)).generate_state(1)[0]
         seed = int(state) >> 1  # 31 bits: a valid seed for every library (and for repro.epoch_seed)
-        if seed not in used and seed not in seeds:
+        if seed not in seen:
             seeds.append(seed)
+            seen.add(seed)
         index += 1
     return seeds
 

@@ -177,6 +177,7 @@ class BatchSearcher(Searcher):
         # is due: Tune hands a finished trial's worker process to the next trial (`sweep.reuse_actors`) only then.
         self.wanted = self.max_concurrent
         self.confirmed: set[str] = set()  # trials Tune has added (not saved: Tune adds them again on --resume)
+        self.unsaved: dict[int, tuple[str, dict[str, Any]]] = {}  # restored trials waiting for a lower number
         self.restored = False
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -187,21 +188,28 @@ class BatchSearcher(Searcher):
 
     def confirm(self, trial_id: str, params: dict[str, Any], tag_number: int, live: bool) -> None:
         """Tune added a trial (new, retried or restored). On --resume this reconciles the records with Tune's trials:
-        a trial Tune restored but the saved records lack (saved earlier) is recorded under its number; a trial Tune
-        will run again is not ended."""
-        if trial_id not in self.index and tag_number == len(self.records):
+        a trial Tune restored but the saved records lack (saved earlier) is recorded under its number, whatever order
+        Tune adds them in (Ray 2.60 re-adds restored trials newest result first): one whose predecessors are not
+        recorded yet waits in `unsaved` until they are. A trial Tune will run again is not ended."""
+        if trial_id not in self.index and tag_number >= len(self.records):
+            self.unsaved[tag_number] = (trial_id, {k: params[k] for k in self.cfg.search if k in params})
+            self.adopt_unsaved()
+        self.confirmed.add(trial_id)
+        if live and trial_id in self.index:
+            rec = self.records[self.index[trial_id]]
+            rec.ended = rec.failed = False
+
+    def adopt_unsaved(self) -> None:
+        """Record the restored trials the saved records lack, in number order, as far as no number is missing."""
+        per_batch = self.cfg.sweep.trials_per_batch
+        while len(self.records) in self.unsaved:
+            n = len(self.records)
+            trial_id, own = self.unsaved.pop(n)
             log.warning("the searcher's saved state lacks %s (the driver stopped mid-save); taken from Tune", trial_id)
-            own = {k: params[k] for k in self.cfg.search if k in params}
-            per_batch = self.cfg.sweep.trials_per_batch
             # its batch may be missing too (planned after the save): plan it again, and keep what Tune ran
-            self.planned(tag_number // per_batch)[tag_number % per_batch] = own
-            self.index[trial_id] = tag_number
+            self.planned(n // per_batch)[n % per_batch] = own
+            self.index[trial_id] = n
             self.records.append(TrialRecord(trial_id, own))
-        if trial_id in self.index:
-            self.confirmed.add(trial_id)
-            if live:
-                rec = self.records[self.index[trial_id]]
-                rec.ended = rec.failed = False
 
     def forget_unconfirmed(self) -> None:
         """Once after --resume: drop trials Tune did not restore (the newest trials of a searcher state saved after
@@ -232,6 +240,7 @@ class BatchSearcher(Searcher):
         self.index[trial_id] = n
         self.records.append(TrialRecord(trial_id, params))
         self.wanted -= 1
+        self.adopt_unsaved()  # a restored trial waiting for this number (if Tune's list lacked it)
         return params
 
     def planned(self, k: int) -> list[dict[str, Any]]:
@@ -268,7 +277,7 @@ class BatchSearcher(Searcher):
     def set_state(self, state: dict[str, Any]) -> None:
         # in place: the scheduler holds this object, not its attributes
         self.records, self.index, self.batches = state["records"], state["index"], state["batches"]
-        self.confirmed, self.restored = set(), True
+        self.confirmed, self.unsaved, self.restored = set(), {}, True
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

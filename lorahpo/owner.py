@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ import psutil
 import pyarrow.fs
 
 from lorahpo.config import ExperimentConfig
-from lorahpo.errors import UserError
+from lorahpo.errors import Interrupted, UserError
 from lorahpo.storage import display, exists, experiment_dir, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def check_sweep(cfg: ExperimentConfig) -> None:
         why = f"no {SWEEP_MARKER} marker"
     elif isinstance(marker, str) or not all(isinstance(marker.get(k), str) for k in ("name", "created")):
         why = f"its {SWEEP_MARKER} marker is not one lorahpo wrote: {marker if isinstance(marker, str) else 'fields'}"
+    elif marker["name"] != cfg.sweep.name:  # a sweep's marker copied elsewhere (the directory is named after it)
+        why = f"its {SWEEP_MARKER} marker is that of the sweep {marker['name']!r}"
     else:
         return
     raise UserError(
@@ -216,13 +219,18 @@ def _acquire(cfg: ExperimentConfig, flag: str | None) -> tuple[str, dict[str, An
 def hold(cfg: ExperimentConfig, flag: str | None) -> Iterator[str]:
     """Hold the experiment directory while the body runs (a sweep, a resumed one, a final evaluation): an owner record
     whose heartbeat a daemon thread refreshes every HEARTBEAT_S, marked released when the body ends (returns, raises,
-    Ctrl-C). Yields the record's file name. A killed driver releases nothing: its own machine sees its pid gone."""
+    Ctrl-C). Yields the record's file name. A killed driver releases nothing: its own machine sees its pid gone.
+    A holder silent for longer than STALE_S (a machine that slept, a driver stopped with Ctrl-Z) counts as gone
+    elsewhere, and another driver may take the sweep over: when its heartbeat then finds a newer owner generation, it
+    stops the body as Ctrl-C does (one SIGINT: Tune stops the trials and keeps what they wrote) and ends in
+    Interrupted, so two drivers never go on running one sweep."""
     exp, fs = experiment_dir(cfg)
     try:
         path, record = _acquire(cfg, flag)
     except OSError as e:  # a directory this user cannot write (S3: a request refused)
         raise UserError(f"cannot hold the sweep at {display(cfg, experiment=True)}: {e}") from None
-    lock, stop = threading.Lock(), threading.Event()
+    lock, stop, taken = threading.Lock(), threading.Event(), threading.Event()
+    generation = int(path.rsplit(".", 1)[1])
 
     def refresh(**changes: float) -> None:
         """Rewrite the record while it is there and ours (a failed start deletes the directory: not written again)."""
@@ -230,24 +238,36 @@ def hold(cfg: ExperimentConfig, flag: str | None) -> Iterator[str]:
             now = _record(fs, path)
             if isinstance(now, dict) and now.get("token") == record["token"]:
                 _write(fs, path, json.dumps({**record, **changes}), exclusive=False)
-            elif "released" not in changes:  # silent for longer than STALE_S, taken for dead: two drivers now
-                log.error("the owner record %s is gone: another driver may have taken this sweep over", path)
+            elif "released" not in changes and any(g > generation for g in _generations(fs, exp)):
+                taken.set()
+                log.error("another driver took this sweep over (%s is gone); stopping this driver", path)
+                os.kill(os.getpid(), signal.SIGINT)  # once: a second Ctrl-C makes Tune quit without saving
         except OSError as e:  # storage down: the sweep's own storage checks stop it if it stays down
             log.warning("could not update the owner record %s: %s", path, e)
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
+        while not stop.wait(HEARTBEAT_S) and not taken.is_set():
             with lock:
                 if not stop.is_set():
                     refresh(heartbeat=time.time())
 
     threading.Thread(target=beat, name="lorahpo-heartbeat", daemon=True).start()
+    lost = Interrupted(
+        f"another driver took over the sweep at {display(cfg, experiment=True)}: this driver's heartbeat was older "
+        f"than {STALE_S:.0f} s (a machine that slept, a stopped process), so it counted as gone; this driver stopped, "
+        "keeping what its trials wrote, and the other one runs the sweep now"
+    )
     try:
         yield path.rsplit("/", 1)[1]
+    except BaseException:  # KeyboardInterrupt included: the SIGINT above, where Tune does not handle it
+        if not taken.is_set():
+            raise
     finally:
         with lock:
             stop.set()
             refresh(heartbeat=time.time(), released=time.time())
+    if taken.is_set():
+        raise lost from None
 
 
 def wipe(cfg: ExperimentConfig, keep: str) -> None:
@@ -264,7 +284,9 @@ def wipe(cfg: ExperimentConfig, keep: str) -> None:
     try:
         if not _local(fs):
             for info in fs.get_file_info(pyarrow.fs.FileSelector(exp)):
-                if info.base_name != keep:
+                if info.path.rstrip("/") == exp.rstrip("/"):  # keys with an empty segment (`s//x`) list as `exp`
+                    log.warning("--overwrite: keys under %s// are left (pyarrow cannot address them)", exp)
+                elif info.base_name != keep:
                     (fs.delete_dir if info.type == pyarrow.fs.FileType.Directory else fs.delete_file)(info.path)
             return
         fd = os.open(exp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)

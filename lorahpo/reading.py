@@ -89,7 +89,10 @@ def read_table(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         raise UserError(f"data.path={cfg.path} is empty")
     try:
         if kind in ("csv", "tsv"):
-            df = pd.read_csv(path, sep="," if kind == "csv" else "\t", encoding="utf-8")
+            # only an empty cell is missing: a class or a text "None", "NA" or "null" is a string (as in read_bundled)
+            df = pd.read_csv(
+                path, sep="," if kind == "csv" else "\t", encoding="utf-8", keep_default_na=False, na_values=[""]
+            )
         elif kind == "jsonl":
             df = pd.read_json(path, lines=True, encoding="utf-8")
         else:
@@ -184,6 +187,9 @@ def check_labels(df: pd.DataFrame, cfg: DataConfig, where: str, sources: dict[st
             f"{int(missing.sum())} rows of {where} have no label (column {cfg.label_column!r}); "
             "remove them or label them"
         )
+    nested = df["label"].map(lambda v: isinstance(v, (list, dict)))
+    if nested.any():
+        raise UserError(f"{int(nested.sum())} labels of {where} are lists or objects; a label is one string or number")
 
 
 def content_sha256(df: pd.DataFrame) -> str:

@@ -16,6 +16,11 @@ import yaml
 
 from lorahpo.errors import UserError
 
+# Far beyond any real config, and cheap to walk: a YAML file of a few lines of anchors and aliases can stand for 10^9
+# values (safe_load shares them), which every later walk over the config (coercion, checks, dumps) would visit.
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
+
 
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key a config of this class accepts (sections expanded)."""
@@ -34,6 +39,32 @@ def unknown_key(key: str, candidates: list[str]) -> UserError:
     near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(candidates)}"
     return UserError(f"unknown config key {key!r}: {hint}")
+
+
+def load_yaml(text: str, what: str, lenient: bool = False) -> Any:
+    """Parsed YAML text, or a UserError naming `what`: invalid YAML (with `lenient`, the text itself is the value, as a
+    KEY=VALUE override that is no YAML is a plain string), nesting deeper than MAX_DEPTH (the parser itself fails
+    with a RecursionError a few hundred levels down), or more than MAX_VALUES values once aliases are expanded."""
+    deep = UserError(f"{what} is nested more than {MAX_DEPTH} levels deep; no config needs that")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if lenient:
+            return text
+        raise UserError(f"{what} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise deep from None
+    todo, count = [(value, 0)], 0
+    while todo:  # iterative: a list that contains itself (`&a [*a]`) ends at the count, not at the recursion limit
+        item, depth = todo.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise deep
+        if count > MAX_VALUES:
+            raise UserError(f"{what} holds more than {MAX_VALUES} values once its YAML aliases are expanded; refused")
+        inner = [*item.keys(), *item.values()] if isinstance(item, dict) else item if isinstance(item, list) else []
+        todo.extend((v, depth + 1) for v in inner)
+    return value
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -57,7 +88,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:  # an empty YAML list (`key:` with nothing after it)
             return ()
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = load_yaml(value, key) if value.strip().startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}={value!r} must be a list")
         if len(args) == 2 and args[1] is Ellipsis:
@@ -93,6 +124,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = {} if value is None else value
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a mapping, got {value!r}")
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise UserError(f"{key}: the key {bad[0]!r} is not a name; keys are dotted config keys such as train.lr")
         inner = args[1]
         if dataclasses.is_dataclass(inner):  # e.g. the search space: {dotted key: ParamSpec}
             for k, v in value.items():
@@ -144,10 +178,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            out[key.strip()] = value
+        out[key.strip()] = load_yaml(value, f"override {key}", lenient=True) if value != "" else None
     return out
 
 

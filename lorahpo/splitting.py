@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import unicodedata
 
 import numpy as np
 import pandas as pd
@@ -36,16 +36,16 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-NON_LETTERS = re.compile(r"[\W\d_]+")  # anything but a letter (of any script): digits, punctuation, symbols
-
-
 def near_key(text: str) -> str:
     """The project's near-duplicate rule: two texts are near-duplicates when they are equal once case, digits,
-    punctuation and whitespace are dropped (lower-case, every run of non-letters one space). "Call 0800 123 now!" and
-    "call 0800 124 now" are one text: a template with another number, which a classifier that saw one in training
-    recognises in val or test. A text with no letter at all keeps its exact form (`normalise`), so "123" and "456"
-    stay two texts."""
-    return " ".join(NON_LETTERS.sub(" ", text.lower()).split()) or normalise(text)
+    punctuation and whitespace are dropped: the key is the text's letters (with their marks), lower-case, after NFKC
+    (so composed and decomposed accents, ligatures and full-width forms are one text) and without anything else,
+    invisible format characters such as a zero-width space included. "Call 0800 123 now!" and "call 0800 124 now" are
+    one text: a template with another number, which a classifier that saw one in training recognises in val or test;
+    so are "Don't" and "Dont" (punctuation inside a word does not split it). A text with no letter at all keeps its
+    exact form (`normalise`), so "123" and "456" stay two texts."""
+    letters = (c for c in unicodedata.normalize("NFKC", text).lower() if unicodedata.category(c)[0] in "LM")
+    return "".join(letters) or normalise(text)
 
 
 def near_groups(labels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, dict[str, int]]:

@@ -4,8 +4,12 @@ process boundary (exit status, environment, a real HTTP endpoint) run the real C
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -118,6 +122,17 @@ def test_data_split_too_small_to_stratify(run, tmp_path: Path) -> None:
 
 def test_data_split_fractions(run) -> None:
     assert "must be three non-negative train/val/test fractions that add up to 1" in run("data.split=[0.7,0.2,0.2]")
+
+
+@pytest.mark.parametrize("shape", [[1], {"y": 1}], ids=["list", "object"])
+def test_data_jsonl_labels_that_are_not_scalars(run, tmp_path: Path, shape: object) -> None:
+    rows = good_rows()
+    lines = [
+        json.dumps({"text": t, "label": shape if i % 2 else label}) for i, (t, label) in enumerate(zip(*rows.values()))
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    msg = run(f"data.path={tmp_path / 'd.jsonl'}", "data.positive_label=null")
+    assert f"20 labels of {tmp_path / 'd.jsonl'} are lists or objects; a label is one string or number" in msg
 
 
 def test_data_undecodable_bytes(run, tmp_path: Path) -> None:
@@ -317,6 +332,91 @@ def test_config_file_missing_and_invalid(run, tmp_path: Path) -> None:
     assert "does not exist (pass --config PATH" in run(config=tmp_path / "none.yaml")
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     assert "is not valid YAML" in run(config=tmp_path / "bad.yaml")
+
+
+@contextlib.contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
+
+    def alarm(*_: object) -> None:
+        raise AssertionError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_config_file_not_utf8(run, tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_bytes(b"seed: 1\n\xff\xfe garbage\n")
+    msg = run(config=tmp_path / "c.yaml")
+    assert f"config file {tmp_path / 'c.yaml'} is not UTF-8 text (invalid start byte at byte 8)" in msg
+
+
+def test_config_nested_too_deeply(run, tmp_path: Path) -> None:
+    """The YAML parser recurses per level (RecursionError near 300); a config walks its values recursively too."""
+    (tmp_path / "c.yaml").write_text("seed: " + "[" * 20000 + "]" * 20000 + "\n")
+    assert f"config file {tmp_path / 'c.yaml'} is nested more than 50 levels deep" in run(config=tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("seed: " + "[" * 60 + "]" * 60 + "\n")  # parsed, then refused by the walk
+    assert f"config file {tmp_path / 'c.yaml'} is nested more than 50 levels deep" in run(config=tmp_path / "c.yaml")
+    deep = "sweep.points_to_evaluate=" + "[" * 5000 + "]" * 5000
+    assert "override sweep.points_to_evaluate is nested more than 50 levels deep" in run(deep)
+
+
+@pytest.mark.parametrize(
+    ("choices", "expected"),
+    [
+        # 10^9 leaves in about 1 KB: safe_load shares the aliased lists, every walk over the config visits them all
+        (
+            ["    - &b0 [x, x, x, x, x, x, x, x, x, x]"]
+            + [f"    - &b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]" for i in range(1, 9)],
+            "holds more than 100000 values once its YAML aliases are expanded",
+        ),
+        (["    - &a [x, *a]"], "is nested more than 50 levels deep"),  # a list that holds itself: endless
+    ],
+    ids=["alias-bomb", "self-reference"],
+)
+def test_config_alias_bomb_refused_quickly(run, tmp_path: Path, choices: list[str], expected: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("search:\n  lora.dropout:\n    type: categorical\n    choices:\n" + "\n".join(choices) + "\n")
+    with within(60):
+        msg = run(config=cfg)
+    assert f"config file {cfg} {expected}" in msg
+
+
+def test_config_point_keys_of_two_types(run) -> None:
+    msg = run("sweep.points_to_evaluate=[{1: 2, a: 3}]")
+    assert "sweep.points_to_evaluate: the key 1 is not a name; keys are dotted config keys such as train.lr" in msg
+
+
+def test_config_huge_final_seeds_refused_quickly(run) -> None:
+    with within(60):
+        assert "final.seeds=100000000 must be >= 0 (0 turns the final evaluation off) and <= 1000" in run(
+            "final.seeds=100000000"
+        )
+
+
+def test_config_seed_beyond_32_bits(run) -> None:
+    assert "seed=4294967296 must be an integer from 0 to 2**32 - 1 (e.g. seed=42)" in run("seed=4294967296")
+    assert "seed=-1 must be an integer from 0 to 2**32 - 1" in run("seed=-1")
+
+
+def test_config_values_the_training_would_refuse(run) -> None:
+    """torch's AdamW and set_num_threads raise only inside each trial, after Ray started."""
+    assert "train.weight_decay=-0.1 must be >= 0" in run("train.weight_decay=-0.1")
+    assert "train.num_threads=-1 must be >= 1 (or null: the trial's CPU share)" in run("train.num_threads=-1")
+    assert "train.num_threads=0 must be >= 1" in run("train.num_threads=0")
+
+
+def test_training_values_refused_before_ray_starts(tmp_path: Path) -> None:
+    """The real CLI without --dry-run: the same line, exit 2, and no Ray (it used to fail in every trial, exit 1)."""
+    run = cli([*tiny_args(tmp_path / "store"), "sweep.num_samples=1", "train.weight_decay=-0.1"], timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == ["error: train.weight_decay=-0.1 must be >= 0"]
+    assert "Ray" not in run.stdout + run.stderr and not (tmp_path / "store").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------- model

@@ -383,7 +383,8 @@ def test_final_addresses_only_a_finished_sweep_whose_config_differs_in_final_key
     (where / "summary.json").write_text(json.dumps({"best_trial": None}))
     with pytest.raises(UserError, match=r"^--final: every trial of the sweep at .* failed; there is no best config"):
         check_finished(cfg)
-    (where / "summary.json").write_text(json.dumps({"best_trial": "trial_000_x", "best_params": {}}))
+    best = dict(cfg.sweep.points_to_evaluate[0])
+    (where / "summary.json").write_text(json.dumps({"best_trial": "trial_000_x", "best_params": best}))
     check_finished(apply_overrides(cfg, {"final.seeds": 5, "final.baseline": False}))  # final.* may differ
     with pytest.raises(UserError, match=r"^--final needs final.seeds >= 1 \(fresh seeds per config\)"):
         check_finished(apply_overrides(cfg, {"final.seeds": 0}))
@@ -396,6 +397,34 @@ def test_final_addresses_only_a_finished_sweep_whose_config_differs_in_final_key
     check_same_config(apply_overrides(cfg, {"final.seeds": 3}), stored, str(where))  # --resume
     with pytest.raises(UserError, match=r"^--resume with a config that differs .* \(lora.r: 8 -> 4\)"):
         check_same_config(apply_overrides(cfg, {"lora.r": 4}), stored, str(where))
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        # what a planted summary.json would use: the final runs apply best_params as overrides (code from a model
+        # directory on the same storage, with remote code allowed)
+        ({"model.name": "/shared/planted", "model.trust_remote_code": True}, "model.name, model.trust_remote_code"),
+        ({"train.lr": None}, "train.lr"),  # a key of the space missing
+        ({"train.lr": 0.5}, "train.lr"),  # outside its range
+        ({"lora.r": 3}, "lora.r"),  # not among its choices
+        ({"lora.dropout": "high"}, "lora.dropout"),  # of another type
+    ],
+    ids=["foreign-keys", "missing-key", "out-of-range", "not-a-choice", "wrong-type"],
+)
+def test_final_takes_only_best_params_inside_the_search_space(tmp_path: Path, change: dict, named: str) -> None:
+    cfg = plan_config(**{"sweep.storage_path": str(tmp_path), "sweep.name": "s", "final.seeds": 1})
+    where = tmp_path / "s"
+    where.mkdir()
+    (where / "config.yaml").write_text(config_yaml(cfg))
+    best = {k: v for k, v in {**cfg.sweep.points_to_evaluate[0], **change}.items() if v is not None}
+    (where / "summary.json").write_text(json.dumps({"best_trial": "trial_000_x", "best_params": best}))
+    with pytest.raises(UserError) as e:
+        check_finished(cfg)
+    assert str(e.value) == (
+        f"--final: {where}/summary.json is not a summary lorahpo wrote: its best_params do not fit the search "
+        f"space ({named}: missing, foreign or outside it); restore it, or --resume"
+    )
 
 
 def test_every_kind_of_block_is_rendered(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_data: TaskData) -> None:

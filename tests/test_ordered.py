@@ -244,8 +244,9 @@ def test_resume_reconciles_the_searcher_with_tunes_trials(tmp_path: Path) -> Non
     assert behind.records[1].ended and not behind.records[1].failed
 
 
+@pytest.mark.parametrize("order", ["number", "newest first"])
 @pytest.mark.parametrize("per_batch", [1, 2, 4])
-def test_resume_after_a_mid_save_gap_at_every_position_of_a_batch(per_batch: int) -> None:
+def test_resume_after_a_mid_save_gap_at_every_position_of_a_batch(per_batch: int, order: str) -> None:
     """The searcher's state was saved after trial m; trials m+1..j were suggested (and added to Tune's trial list)
     after that save, so the restored searcher lacks them, and their batch too when m+1 opened a new one. The resumed
     sweep records them from Tune, plans what it lacks again, and goes on exactly as the uninterrupted sweep: for every
@@ -275,7 +276,8 @@ def test_resume_after_a_mid_save_gap_at_every_position_of_a_batch(per_batch: int
             tune_params = [a.suggest(f"t{i}") for i in range(m + 1, m + 1 + lost)]  # Tune has these, the save not
             b = eager_searcher(cfg)
             b.set_state(pickle.loads(saved))
-            for i in range(m + 1 + lost):
+            added = range(m + 1 + lost)  # Tune re-adds restored trials newest result first (the lost ones last ran)
+            for i in added if order == "number" else reversed(added):
                 b.confirm(f"t{i}", expected[i] if i <= m else tune_params[i - m - 1], i, live=i > m)
             for i in range(m + 1, m + 1 + lost):  # the resumed trials run and report
                 complete(b, i)
@@ -284,6 +286,35 @@ def test_resume_after_a_mid_save_gap_at_every_position_of_a_batch(per_batch: int
                 got.append(b.suggest(f"t{i}"))
                 complete(b, i)
             assert got == expected, (m, lost)
+
+
+def test_resume_records_tunes_trials_in_whatever_order_tune_adds_them() -> None:
+    """Ray Tune 2.60 re-adds restored trials newest result first (TuneController._requeue_restored_trials), not in
+    number order. The saved searcher knew trials 0-1; Tune's list also has 2 and 3. In every order Tune may add the
+    four, the searcher records all four under their numbers and its next suggestion is the uninterrupted sweep's
+    trial 4 (a trial left unrecorded had its slot suggested again: num_samples + 1 trials, one a duplicate)."""
+    cfg = cfg_for(**{"sweep.num_samples": 8, "sweep.trials_per_batch": 2, "sweep.points_to_evaluate": "[]"})
+    a = eager_searcher(cfg)
+    params = []
+    for n in range(5):
+        params.append(a.suggest(f"t{n}"))
+        a.confirm(f"t{n}", params[n], n, live=True)
+        if n < 2:  # batch 0 ends, so batch 2 (trial 4) can be planned
+            a.on_trial_complete(f"t{n}", {"epoch": 1, "best_val_fbeta": 0.5 + n / 10})
+        if n == 1:
+            saved = pickle.dumps(a.get_state())  # the searcher file that reached storage: trials 0-1
+    for order in itertools.permutations(range(4)):
+        b = eager_searcher(cfg)
+        b.set_state(pickle.loads(saved))
+        scheduler = OrderedScheduler(cfg, b)
+        for n in order:  # what on_trial_add reads of a restored trial
+            status = "TERMINATED" if n < 2 else "RUNNING"
+            trial = SimpleNamespace(trial_id=f"t{n}", experiment_tag=f"{n + 1}_x", config=params[n], status=status)
+            trial.init_local_path = lambda: None
+            scheduler.on_trial_add(None, trial)
+        assert b.index == {f"t{n}": n for n in range(4)}, order
+        assert [r.params for r in b.records] == params[:4], order
+        assert b.suggest("t_new") == params[4] and b.number("t_new") == 4, order
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "random"])
