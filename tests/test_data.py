@@ -11,7 +11,7 @@ import lorahpo.splitting as splitting_module
 from lorahpo.config import DataConfig, load_config
 from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader
 from lorahpo.errors import UserError
-from lorahpo.reading import BUNDLED_SHA256, read_table
+from lorahpo.reading import BUNDLED_SHA256, read_data, read_table
 from lorahpo.splitting import label_map, near_key, split_indices
 
 from .conftest import word
@@ -234,12 +234,12 @@ def test_words_pandas_reads_as_missing_are_strings_in_a_users_file(tmp_path: Pat
     path = tmp_path / ("d.csv" if sep == "," else "d.tsv")
     rows = {"text": [f"{w} {word(i)}" if i % 2 else w for i, w in enumerate(words * 2)], "label": words * 2}
     pd.DataFrame(rows).to_csv(path, sep=sep, index=False)
-    df, _ = read_table(DataConfig(path=str(path)))
+    df, _ = read_data(DataConfig(path=str(path)))
     assert df["text"].tolist() == rows["text"] and df["label"].tolist() == rows["label"]
     assert label_map(df["label"], None) == sorted(words)
     (tmp_path / "e.csv").write_text("text,label\nhello,spam\n,ham\nbye,\n")
     with pytest.raises(UserError, match=r"^1 of 3 rows of .*e.csv have an empty or missing text"):
-        read_table(DataConfig(path=str(tmp_path / "e.csv")))
+        read_data(DataConfig(path=str(tmp_path / "e.csv")))
     (tmp_path / "e.csv").write_text("text,label\nhello,spam\nhi,ham\nbye,\n")
     with pytest.raises(UserError, match=r"^1 rows of .*e.csv have no label"):
-        read_table(DataConfig(path=str(tmp_path / "e.csv")))
+        read_data(DataConfig(path=str(tmp_path / "e.csv")))
