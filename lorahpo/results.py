@@ -1,6 +1,6 @@
 """Read and write a sweep's results (no model code): one row per trial (results.parquet), per-trial metrics.csv,
-the study as optuna_res.pkl and as a journal, summary.json/.md; and `load_experiment`, which reads all of it back
-from local disk, NFS or S3, finished or interrupted."""
+the study as optuna_res.pkl and as a journal (summary.json/.md: lorahpo/summary.py); and `load_experiment`, which
+reads all of it back from local disk, NFS or S3, finished or interrupted."""
 
 from __future__ import annotations
 

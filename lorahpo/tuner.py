@@ -1,6 +1,6 @@
 """The Ray Tune side of a sweep: the seeded searcher and the scheduler (deterministic: lorahpo.ordered's batch searcher
-and trial-number-order scheduler; asynchronous: TPE or random through OptunaSearch, with ASHA or FIFO), the function
-trainable with its resources, callbacks, and the Tuner, new or restored."""
+and trial-number-order scheduler; asynchronous: space.DistinctSearch, seeded TPE or random over Optuna's ask/tell,
+with ASHA or FIFO), the function trainable with its resources, callbacks, and the Tuner, new or restored."""
 
 from __future__ import annotations
 
