@@ -472,7 +472,7 @@ def test_a_sweep_taken_over_mid_run_stops_as_on_ctrl_c(tmp_path: Path, procs: li
     driver = "import sys; from lorahpo import owner; owner._machine = lambda: 'another machine'; "
     driver += "owner.HEARTBEAT_S = 0.5; import tune_lora; sys.exit(tune_lora.main(sys.argv[1:]))"
     log = tmp_path / "driver.log"
-    env = {**os.environ, DELAYS_ENV: json.dumps({"1": [str(tmp_path / "never"), 0]}), **HELD_ENV}
+    env = {**os.environ, **hooked(**{DELAYS_ENV: json.dumps({"1": [str(tmp_path / "never"), 0]})}), **HELD_ENV}
     proc = subprocess.Popen(
         [sys.executable, "-c", driver, *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
         start_new_session=True, env=env, cwd=Path(__file__).resolve().parent.parent,

@@ -148,7 +148,7 @@ def test_tpe_asha_sweep_end_to_end(tmp_path: Path) -> None:
     assert check["cuts"] == [2] and check["where"] == "memory" and check["best_trial_cut"] == 2
     assert check["passed"] and check["val_cached"]["fbeta"] == best["best_epoch_val_fbeta"]
     assert (df["trainable_params"] > 0).all()
-    assert f"Results: {exp}" in run.stdout and "test split:" in run.stdout
+    assert f"Results: {exp}" in run.stdout and "test split (scored once):" in run.stdout
 
     cfg = load_config(exp / "best" / "best_config.yaml")
     assert cfg.train.class_weight == pytest.approx(best["param.train.class_weight"])

@@ -272,7 +272,7 @@ def test_console_shows_no_library_warnings(watched: dict[str, Any]) -> None:
     noise = [line for line in console.splitlines() if LIBRARY_NOISE.search(line) and " lorahpo." not in line]
     assert noise == []
     assert console.count(" started with configuration") == 4 and console.count(" completed after ") >= 1
-    assert "Results: " in console and "test split:" in console
+    assert "Results: " in console and "test split (scored once):" in console
     # the full logs are kept: each trial's own trial.log holds what the console does not show
     for log in watched["exp"].glob("trial_*/trial.log"):
         assert "GPU available" in log.read_text()
