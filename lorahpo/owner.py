@@ -59,7 +59,10 @@ def _record(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | str | None
     if info.type != pyarrow.fs.FileType.File or info.size > MAX_RECORD_BYTES:
         return f"not a file of at most {MAX_RECORD_BYTES} bytes"
     try:
-        value = json.loads(read_bytes(fs, path) or b"")
+        data = read_bytes(fs, path)
+        if data is None:  # superseded by a newer generation between listing and reading it
+            return None
+        value = json.loads(data)
     except (ValueError, RecursionError):  # also what is not UTF-8, and nesting deeper than Python's stack
         return "not JSON"
     except FileNotFoundError:  # superseded by a newer generation between listing and reading it
