@@ -62,6 +62,7 @@ from measures import NEVER, REFERENCE, fraction_to_reach, measures, quartiles  #
 from measures import running_best as best_so_far
 from methods import FIRST, METHODS, grid_values, method_name, replay_config, sweep_run, variants  # noqa: F401
 from peers import LEFT_OUT, PEERS, in_venv, left_out_note, run_peer, run_seeds, source
+from peers_venv import PeerCrashed
 from report import markdown, plot
 from tables import (  # noqa: F401  (lookup: tests)
     TABLES,
@@ -168,8 +169,13 @@ def replay(
     seed_curves = {s: table.curves(s) for s in seeds}
     for m in chosen:  # the peers in .venv-peers: one process per chunk of seeds, `jobs` at once
         if m not in per:
-            runs = run_seeds(m, problem, seed_curves, slots or 1, jobs)
+            try:
+                runs = run_seeds(m, problem, seed_curves, slots or 1, jobs)
+            except PeerCrashed as crash:
+                left_out[m] = str(crash)
+                continue
             per[m] = [_result(seed_curves[s], *runs[s]) for s in seeds]
+    chosen = [m for m in chosen if m in per]
     per = {m: per[m] for m in chosen}
     sign = 1.0 if base.train.mode == "max" else -1.0
     curves = {m: [best_so_far(values, sign) for values, *_ in runs] for m, runs in per.items()}
