@@ -87,18 +87,23 @@ def baseline_params(cfg: ExperimentConfig) -> tuple[dict[str, Any], str]:
     return {key: values[key] for key in cfg.search}, "the config's own values"
 
 
-def experiment_name(cfg: ExperimentConfig) -> str:
+def experiment_name(cfg: ExperimentConfig, extended: bool = False) -> str:
     """The final runs' Tune experiment, inside the sweep's directory: one per plan, so another final.seeds or
-    final.baseline never touches (or deletes) the runs of an earlier one."""
-    return f"final_seeds{cfg.final.seeds}" + ("" if cfg.final.baseline else "_tuned_only")
+    final.baseline never touches (or deletes) the runs of an earlier one. A sweep given more trials (--extend) may have
+    another best and its trials more seeds: its final runs go beside the earlier ones, named by the sweep's size."""
+    size = f"_trials{cfg.sweep.num_samples}" if extended else ""
+    return f"final_seeds{cfg.final.seeds}" + ("" if cfg.final.baseline else "_tuned_only") + size
 
 
-def make_plan(cfg: ExperimentConfig, best_params: dict[str, Any], used_seeds: set[int]) -> dict[str, Any]:
+def make_plan(
+    cfg: ExperimentConfig, best_params: dict[str, Any], used_seeds: set[int], extended: bool = False
+) -> dict[str, Any]:
     """Everything the runs and the block depend on (written to the experiment as plan.json; recorded in the manifest).
-    Runs interleave the configs seed by seed, so the first finished pairs come early."""
+    Runs interleave the configs seed by seed, so the first finished pairs come early. `extended`: the sweep has had
+    more trials since it was run (manifest.json's `extensions`)."""
     seeds = final_seeds(cfg.seed, cfg.final.seeds, used_seeds)
     plan: dict[str, Any] = {
-        "experiment": experiment_name(cfg),
+        "experiment": experiment_name(cfg, extended),
         "seeds": seeds,
         "tuned": dict(best_params),
         "baseline": None,

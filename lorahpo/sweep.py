@@ -267,7 +267,8 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
     if summary.get("prefix_cache", {}).get("error"):  # loud, once the results are written
         raise SweepFailed(summary["prefix_cache"]["error"])
     if cfg.final.seeds > 0:
-        summary = final(cfg, data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, df)), summary)
+        plan = make_plan(cfg, summary["best_params"], trial_seeds(cfg, df), bool(meta.get("extensions")))
+        summary = final(cfg, data, plan, summary)
     return summary
 
 
@@ -342,10 +343,12 @@ def prepare_final(cfg: ExperimentConfig, address: str | None = None, dry_run: bo
     data = _check_and_load(cfg, address, dry_run)
     exp, fs = experiment_dir(cfg)
     where = display(cfg, experiment=True)
-    check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, where, flag="--final")
+    manifest = read_bytes(fs, f"{exp}/manifest.json")
+    check_same_data(manifest, data.info, where, flag="--final")
     summary = read_json(fs, f"{exp}/summary.json")
     trials = read_parquet(read_bytes(fs, f"{exp}/results.parquet") or b"", f"{where}/results.parquet")
-    return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials))
+    extended = bool(json.loads(manifest or b"{}").get("extensions"))
+    return data, make_plan(cfg, summary["best_params"], trial_seeds(cfg, trials), extended)
 
 
 def run_final(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], address: str | None = None) -> dict:

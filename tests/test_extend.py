@@ -198,20 +198,29 @@ def trial_files(exp: Path, first: int) -> dict[str, bytes]:
 def test_extended_sweep_equals_the_sweep_of_that_size(det_reference: dict, tmp_path: Path, procs: list) -> None:
     """The deterministic reference sweep's first 4 trials at 2 slots, then --extend to its 6: the reference's study,
     per-epoch rows, stop reasons, best trial and test score; the first 4 trials untouched; the manifest records the
-    extension and the summary says the test split was scored twice. Then the same 4-trial sweep, extended again but
+    extension and the summary says the test split was scored twice; the final evaluation (one run) after the sweep and
+    again after the extension, each in its own directory. Then the same 4-trial sweep, extended again but
     its driver SIGKILLed after trial 5 has finished (trial 6 held back), continued with --resume sweep.num_samples=6:
     the reference again."""
     reference = det_reference["record"]
-    run = cli(det_args(tmp_path, 4), env=SLOW_HOST_ENV)
+    final = {"final.seeds": 1, "final.baseline": False}  # one final run of the best, after the sweep and the extension
+    run = cli(det_args(tmp_path, 4, **final), env=SLOW_HOST_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     exp = tmp_path / NAME
     shutil.copytree(exp, tmp_path / "saved", symlinks=True)  # for the killed extension, at this same path
     first = trial_files(exp, 4)
     assert len(first) == 4
 
-    run = cli(["--extend", *det_args(tmp_path, 6)], env=SLOW_HOST_ENV)
+    run = cli(["--extend", *det_args(tmp_path, 6, **final)], env=SLOW_HOST_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sweep_record(lambda rel: (exp / rel).read_bytes()) == reference
+    # The final block follows the new best; its runs go beside the 4-trial sweep's, which stay
+    summary = json.loads((exp / "summary.json").read_text())
+    finals = [f["plan"] for f in json.loads((exp / "manifest.json").read_text())["finals"]]
+    assert [f["experiment"] for f in finals] == ["final_seeds1_tuned_only", "final_seeds1_tuned_only_trials6"]
+    assert finals[1]["tuned"] == summary["best_params"] == reference["best"][1]
+    assert summary["final_run"]["experiment"] == f"{exp}/final_seeds1_tuned_only_trials6"
+    assert (exp / "final_seeds1_tuned_only" / "plan.json").is_file()
     assert trial_files(exp, 4) == first  # earlier trials (and their stop decisions) stand, none re-run
     meta = json.loads((exp / "manifest.json").read_text())
     [entry] = meta["extensions"]

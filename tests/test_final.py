@@ -235,6 +235,9 @@ def test_plan_pairs_the_seeds_and_never_duplicates_a_baseline_that_won() -> None
     tuned_only = make_plan(plan_config(**{"final.baseline": False}), best, {42})
     assert tuned_only["experiment"] == "final_seeds2_tuned_only"
     assert [r["role"] for r in tuned_only["runs"]] == ["tuned", "tuned"] and tuned_only["baseline"] is None
+    # a sweep given more trials (--extend): beside the earlier final runs, named by the sweep's size
+    extended = make_plan(plan_config(**{"sweep.num_samples": 24}), best, {42}, extended=True)
+    assert extended["experiment"] == "final_seeds2_trials24"
 
 
 def test_a_pair_shares_the_draws_its_two_configs_make_alike(tiny_data: TaskData) -> None:
