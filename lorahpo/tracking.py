@@ -254,8 +254,15 @@ class MLflowSweep(LoggerCallback):
         client = mlflow_client()
         known = client.get_experiment_by_name(self.name)
         self.experiment = known.experiment_id if known else client.create_experiment(self.name)
-        if self.parent is None:
-            tags = {"lorahpo.experiment": self.where, "lorahpo.role": "sweep"}
+        tags = {"lorahpo.experiment": self.where, "lorahpo.role": "sweep"}
+        if self.parent is not None and client.get_run(self.parent).info.status == "FINISHED":
+            # --extend: the finished sweep's run keeps the numbers it was finished with; a new run, linked both ways,
+            # takes the new trials and the new summary
+            tags["lorahpo.extends"] = self.parent
+            new = client.create_run(self.experiment, run_name=Path(self.where).name, tags=tags).info.run_id
+            client.set_tag(self.parent, "lorahpo.extended_by", new)
+            self.parent = new
+        elif self.parent is None:
             self.parent = client.create_run(self.experiment, run_name=Path(self.where).name, tags=tags).info.run_id
 
     def log_trial_start(self, trial: Any) -> None:
@@ -327,7 +334,8 @@ class WandbSweep(LoggerCallback):
 
 def log_summary(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
     """The end of a sweep on the trackers' sweep level: best params, best value and the test score onto MLflow's sweep
-    run (then finished), and a `summary` run in the W&B group."""
+    run (then finished), and a `summary` run in the W&B group (one per finalisation: an extended sweep has one more,
+    its config says how many trials it summarises)."""
     flat = {f"best.{k}": v for k, v in summary["best_params"].items()}
     metrics = {"best_value": summary["best_value"], **summary["test"]}
     if "mlflow" in cfg.sweep.loggers:
@@ -351,7 +359,7 @@ def log_summary(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
                 client.log_metric(run_id, k, float(v))
             client.set_terminated(run_id, "FINISHED")
     if "wandb" in cfg.sweep.loggers:
-        config = {**flat, "best_trial": summary["best_trial"]}
+        config = {**flat, "best_trial": summary["best_trial"], "num_trials": summary["num_trials"]}
         run = wandb_run(cfg.sweep.name, job_type="summary", name=f"{cfg.sweep.name}-summary", config=config)
         run.summary.update(metrics)
         run.finish()

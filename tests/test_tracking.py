@@ -25,9 +25,10 @@ from optuna.storages.journal import JournalFileBackend
 
 from lorahpo.results import JOURNAL, load_journal, study_differences
 
-from .conftest import ROOT, TINY, cli_background, kill_group, wait_for
+from .conftest import ROOT, TINY, cli, cli_background, kill_group, tiny_args, wait_for
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs this module: its watched sweep (a module fixture) runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tracking")]
 NAME = "watched"
 SECRETS = {"WANDB_API_KEY": "wandbkey-5f3a9c0e1d7b4a2f8e6c", "MLFLOW_TRACKING_TOKEN": "mlflowtoken-93b1e7d2c4a6"}
 ARTIFACTS = ROOT / "test-artifacts"  # kept after the run (gitignored): the dashboard's screenshot
@@ -252,6 +253,43 @@ def test_wandb_offline_one_run_per_trial_grouped_by_sweep(watched: dict[str, Any
     for run_id, (_, history) in trials.items():
         trial = next(watched["exp"].glob(f"trial_*_{run_id}"))
         assert len(history) == len((trial / "result.json").read_text().splitlines())  # one row per epoch
+
+
+def test_mlflow_and_wandb_after_extend(tmp_path: Path) -> None:
+    """A tiny 2-trial sweep, then --extend to 3: MLflow's first sweep run keeps its numbers and is linked to a new
+    sweep run (`lorahpo.extends` / `lorahpo.extended_by`) that holds trial 3 and the new summary; W&B gets a second
+    `summary` run, for 3 trials."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "ext"}
+    args = tiny_args(tmp_path / "store", **{"sweep.name": "grown", "sweep.loggers": "[mlflow,wandb]"})
+    exp = tmp_path / "store" / "grown"
+    sizes = []
+    for mode, n in ((), 2), (("--extend",), 3):
+        run = cli([*mode, *args, f"sweep.num_samples={n}"], env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        sizes.append(json.loads((exp / "summary.json").read_text()))
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("grown").experiment_id])
+    first, second = sorted(
+        (r for r in runs if r.data.tags.get("lorahpo.role") == "sweep"), key=lambda r: r.info.start_time
+    )
+    assert first.data.tags["lorahpo.extended_by"] == second.info.run_id
+    assert second.data.tags["lorahpo.extends"] == first.info.run_id
+    for parent, summary in (first, sizes[0]), (second, sizes[1]):
+        assert parent.info.status == "FINISHED" and parent.data.params["best_trial"] == summary["best_trial"]
+        assert parent.data.metrics["test_fbeta"] == pytest.approx(summary["test"]["test_fbeta"])
+    nested = [r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("lorahpo.role") != "sweep"]
+    assert sorted(nested) == sorted([first.info.run_id] * 2 + [second.info.run_id])
+
+    summaries = []
+    for f in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")):
+        run = next(r.run for r in wandb_records(f) if r.HasField("run"))
+        if run.job_type == "summary":
+            summaries.append({item.key: json.loads(item.value_json) for item in run.config.update})
+    assert sorted(c["num_trials"]["value"] for c in summaries) == [2, 3]
 
 
 def test_no_secret_in_any_file_or_the_console(watched: dict[str, Any]) -> None:
