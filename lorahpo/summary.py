@@ -10,9 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from lorahpo.config import ExperimentConfig, plain, tuning_metric
+from lorahpo.config import ExperimentConfig, apply_overrides, plain, tuning_metric
 from lorahpo.data import TaskData
-from lorahpo.results import row_params
+from lorahpo.results import row_config, row_params
 from lorahpo.stats import TEST_LABELS, TEST_METRICS, bootstrap_ci, bootstrap_method
 
 
@@ -31,9 +31,38 @@ def make_summary(
         "best_params": {} if best is None else row_params(best),
         "best_value": None if best is None else float(best[metric]),
         "best_epoch": None if best is None else plain(best["best_epoch"]),
+        "baseline_trial": baseline_trial(cfg, df),
         "test": {f"test_{k}": v for k, v in test.items()},
         "test_size": test_size,
     }
+
+
+def baseline_trial(cfg: ExperimentConfig, df: pd.DataFrame) -> dict[str, Any] | None:
+    """The trial of the untuned config, sweep.points_to_evaluate[0] (the sweep's first), at its best epoch: what the
+    search is measured against. None without points_to_evaluate, or when that trial is not in the table."""
+    if not cfg.sweep.points_to_evaluate:
+        return None
+    point = apply_overrides(cfg, dict(cfg.sweep.points_to_evaluate[0]))
+    for _, row in df.iterrows():
+        if row_config(cfg, row) == point:  # compared as configs: 6 and 6.0 are the same setting
+            out = {"trial": row["trial_id"], "params": row_params(row), "value": None, "val": None}
+            if pd.notna(row.get(tuning_metric(cfg))):  # a failed baseline trial has no score
+                out["value"] = float(row[tuning_metric(cfg)])
+                out["val"] = {f"val_{m}": float(row[f"best_epoch_val_{m}"]) for m in TEST_METRICS}
+            return out
+    return None
+
+
+def baseline_line(s: dict[str, Any]) -> str | None:
+    """The untuned config's trial beside the best (summary.md and the console): the gain the search found on val."""
+    b = s.get("baseline_trial")
+    if not b:
+        return None
+    if b["value"] is None:
+        return f"baseline trial {b['trial']} (sweep.points_to_evaluate[0]) failed"
+    gain = s["best_value"] - b["value"]
+    where = f"baseline trial {b['trial']} (sweep.points_to_evaluate[0])"
+    return f"{where}: {s['metric']} = {b['value']:.4f} (the best is {gain:+.4f} on it)"
 
 
 def write_summary(summary: dict[str, Any], cfg: ExperimentConfig, out: Path) -> None:
@@ -53,7 +82,8 @@ def summary_markdown(s: dict[str, Any], cfg: ExperimentConfig) -> str:
         f"- {s['num_trials']} trials, {s['trial_epochs']} trial-epochs; stop reasons: {s['stop_reasons']}\n"
         f"- best trial `{s['best_trial']}`: {s['metric']} = {s['best_value']:.4f} "
         f"(epoch {s['best_epoch']})\n"
-        f"- test split ({s['test_size']} examples, {scored_times(s)}): {test}\n"
+        + "".join(f"- {line}\n" for line in filter(None, [baseline_line(s)]))
+        + f"- test split ({s['test_size']} examples, {scored_times(s)}): {test}\n"
         + "".join(f"- {line}\n" for line in best_lines(s))
         + f"\n| param | best value |\n|---|---|\n{params}\n"
         + final_markdown(s)
@@ -155,6 +185,8 @@ def print_summary(s: dict[str, Any]) -> None:
     """The summary on the console, after a sweep or --final."""
     print(f"\nResults: {s['experiment']}")
     print(f"  best trial {s['best_trial']}: {s['metric']} = {s['best_value']:.4f}")
+    if baseline_line(s):
+        print(f"  {baseline_line(s)}")
     print("  best params: " + ", ".join(f"{k}={_number(v)}" for k, v in s["best_params"].items()))
     if s["test"]:
         print(f"  test split ({scored_times(s)}): " + ", ".join(f"{k} {v:.4f}" for k, v in s["test"].items()))

@@ -8,10 +8,12 @@ import math
 
 import optuna
 import pandas as pd
+import pytest
 from ray import tune
 
-from lorahpo.config import VAL_METRICS, ParamSpec
+from lorahpo.config import VAL_METRICS, ExperimentConfig, ParamSpec
 from lorahpo.results import EPOCH_COLUMNS, best_row, optuna_study, row_config, row_params, trials_frame
+from lorahpo.summary import make_summary, print_summary, summary_markdown
 
 from .conftest import tiny_config
 
@@ -113,3 +115,32 @@ def test_trials_sort_by_number_past_trial_999() -> None:
     assert df["trial_id"].tolist() == [f"trial_{n:03d}_abc{n}" for n in (99, 101, 999, 1000, 1001)]
     assert best_row(df, CFG)["trial_id"] == "trial_999_abc999"  # ties 1000: the earlier trial wins
     assert [t.user_attrs["trial_id"] for t in optuna_study(grid, CFG).trials] == df["trial_id"].tolist()
+
+
+def test_baseline_trial_is_the_untuned_configs_trial_beside_the_best(capsys: pytest.CaptureFixture) -> None:
+    """summary.json's baseline_trial: the trial of sweep.points_to_evaluate[0] (found as a config), its val metrics
+    at its best epoch; the console and summary.md show it beside the best; None without points_to_evaluate; a failed
+    baseline trial has no score."""
+    cfg = with_points({"train.lr": 2e-3, "lora.r": 8})
+    df = trials_frame(GRID, cfg)
+    s = make_summary(cfg, df, best_row(df, cfg), {}, 0, "x")
+    assert s["baseline_trial"] == {
+        "trial": "trial_001_abc1",
+        "params": {"train.lr": 2e-3, "lora.r": 8},
+        "value": 0.8,
+        "val": {"val_accuracy": 0.5, "val_f1": 0.5, "val_fbeta": 0.8},
+    }
+    line = "baseline trial trial_001_abc1 (sweep.points_to_evaluate[0]): best_val_fbeta = 0.8000"
+    line += " (the best is +0.0000 on it)"
+    assert f"- {line}\n" in summary_markdown(s, cfg)
+    print_summary(s)
+    assert f"  {line}\n" in capsys.readouterr().out
+
+    failed = recorded(1, {"train.lr": 2e-3, "lora.r": 8}, [], error=RuntimeError("x"))
+    df = trials_frame([GRID[0], GRID[1], failed], cfg)
+    assert make_summary(cfg, df, best_row(df, cfg), {}, 0, "x")["baseline_trial"]["value"] is None
+    assert make_summary(with_points(), df, best_row(df, cfg), {}, 0, "x")["baseline_trial"] is None
+
+
+def with_points(*points: dict) -> ExperimentConfig:
+    return dataclasses.replace(CFG, sweep=dataclasses.replace(CFG.sweep, points_to_evaluate=points))
