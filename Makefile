@@ -22,7 +22,7 @@ sweep: install            ## python tune_lora.py with configs/default.yaml (pass
 	$(PY) tune_lora.py $(ARGS)
 
 test: install             ## every test tier: config, unit, end-to-end sweeps, cluster + S3
-	$(PY) -m pytest -q -ra --durations=25 $(ARGS)  # the 25 slowest tests, to keep the suite in budget
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup --durations=25 $(ARGS)  # 2 workers (pytest-xdist): much of a sweep test waits on processes
 
 test-fast: install        ## unit tiers only
 	$(PY) -m pytest -q -m "not slow and not cluster" $(ARGS)

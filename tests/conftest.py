@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from filelock import FileLock
 
 from lorahpo.config import ExperimentConfig, apply_overrides, load_config
 from lorahpo.data import TaskData, load_task
@@ -163,10 +164,18 @@ def hooked(**variables: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def det_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The deterministic sweep with one trial at a time: its record (see `sweep_record`) and where it is."""
-    store = tmp_path_factory.mktemp("det_reference")
-    run = cli(tiny_args(store, **DET_SWEEP, **{"sweep.name": "ref", "sweep.max_concurrent_trials": 1}))
-    assert run.returncode == 0, run.stderr[-3000:]
-    exp = store / "ref"
+    # Run once for the whole session: under pytest-xdist the workers share one run (the first one there makes it,
+    # under a file lock; the others wait and read it).
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    exp = shared / "det_reference" / "ref"
+    with FileLock(str(shared / "det_reference.lock")):
+        if not (exp / "summary.json").exists():
+            shutil.rmtree(exp.parent, ignore_errors=True)  # a run that failed half-way
+            args = {**DET_SWEEP, "sweep.name": "ref", "sweep.max_concurrent_trials": 1}
+            run = cli(tiny_args(exp.parent, **args))
+            assert run.returncode == 0, run.stderr[-3000:]
     return {"record": sweep_record(lambda rel: (exp / rel).read_bytes()), "path": exp}
 
 

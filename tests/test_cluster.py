@@ -42,7 +42,8 @@ from .conftest import (
 )
 from .test_sweep import OUTPUTS
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# One pytest-xdist worker runs this whole module: its cluster and S3 server start once.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 BUCKET = "lorahpo-test"
 PREFIX = "lorahpo"
