@@ -196,14 +196,6 @@ class SweepConfig:
     """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
     batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
     (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
-    planning_lag: int = 2
-    """Deterministic sweeps: batch k is planned from the trials of batches <= k - planning_lag (results vary)."""
-    told: Literal["final", "first_rung"] = "final"
-    """Deterministic sweeps: the searcher learns a trial's value when it ended (`final`), or its running best after
-    `grace_period` epochs (`first_rung`: a fidelity every trial reaches, so all are compared alike)."""
-    rung_min_trials: int = 1
-    """Deterministic ASHA: the first n trials to reach a rung are judged against all n (the early ones wait, paused),
-    as synchronous successive halving would. Above trials_per_batch x planning_lag it needs told=first_rung."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -245,13 +237,6 @@ class SweepConfig:
             raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
         if self.trials_per_batch < 1:
             raise UserError(f"sweep.trials_per_batch={self.trials_per_batch} must be >= 1 (e.g. 4)")
-        if self.planning_lag < 1 or self.rung_min_trials < 1:
-            raise UserError("sweep.planning_lag and sweep.rung_min_trials must each be >= 1")
-        if self.told == "final" and self.rung_min_trials > self.trials_per_batch * self.planning_lag:
-            raise UserError(
-                f"sweep.rung_min_trials={self.rung_min_trials} with sweep.told=final: the first trials would wait at "
-                "their first rung for trials that are planned only once they end; set sweep.told=first_rung"
-            )
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
