@@ -44,7 +44,7 @@ from lorahpo.stats import (
 )
 from lorahpo.storage import display, experiment_dir, read_text, trial_name, upload
 from lorahpo.trainable import score_checkpoint
-from lorahpo.tuner import run_config, trainable, trial_with_env
+from lorahpo.tuner import reopen, run_config, trainable, trial_with_env
 
 ROLES = ("tuned", "baseline")
 # The final runs' own stream of seeds from the root seed (numpy's SeedSequence: independent streams per spawn key),
@@ -181,13 +181,7 @@ def fit_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any]) -> tun
                 f"--final: {where} holds final runs of another plan (plan.json differs: other code or another sweep); "
                 "move that directory away to run them anew"
             )
-        tuner = tune.Tuner.restore(
-            path,
-            trainable=trainable(cfg, data, trial=final_trial),
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=fs,
-        )
+        tuner = reopen(path, fs, trainable(cfg, data, trial=final_trial), retry=True)
     else:
         upload({"plan.json": json.dumps(plan, indent=2)}, path, fs)
         tuner = make_tuner(cfg, data, plan)

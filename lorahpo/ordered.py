@@ -372,9 +372,3 @@ class OrderedScheduler(TrialScheduler):
     def debug_string(self) -> str:
         mode = f"rungs at epochs {list(self.rungs)}" if self.halving else "no early stopping"
         return f"Deterministic scheduling in trial-number order ({mode}), at most {self.slots} trials at once."
-
-    def save(self, checkpoint_path: str) -> None:
-        pass  # nothing of its own to keep: decisions come from the searcher's records
-
-    def restore(self, checkpoint_path: str) -> None:
-        pass
