@@ -290,12 +290,11 @@ def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData, p
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     ckpt = tune.get_checkpoint()
     cache = open_prefix(prefix, base, data) if prefix is not None else None
+    # a checkpoint: a retry after a failure, or a restored sweep, continues from the last epoch reported
     try:
-        if ckpt is None:
-            fit(cfg, data, report, num_threads=trial_threads(base), gpu=gpu, tags=tags, prefix=cache)
-        else:  # a retry after a failure, or a restored sweep: continue from the last epoch reported
-            with ckpt.as_directory() as d:
-                fit(cfg, data, report, Path(d) / CKPT_NAME, trial_threads(base), gpu, tags, prefix=cache)
+        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
+            resume_from = Path(d) / CKPT_NAME if d is not None else None
+            fit(cfg, data, report, resume_from, trial_threads(base), gpu, tags, prefix=cache)
     finally:
         free_memory()
 
