@@ -1,7 +1,8 @@
 """Frozen dataclasses from plain YAML data: every value coerced to the type its field declares (`1e-4` read as a
 string becomes a float, `q_proj,v_proj` a tuple, `null` None), every unknown key named with the nearest valid one.
 And the generic halves of overrides and dumps: `KEY=VALUE` strings parsed, nested dicts flattened to dotted keys,
-values made plain for JSON and YAML. Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
+values made plain for JSON and YAML; and the generic checks of values: a bound (`at_least`), a search-space entry
+(`ParamSpec.validate`). Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import difflib
 import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
@@ -20,6 +22,32 @@ from lorahpo.errors import UserError
 # values (safe_load shares them), which every later walk over the config (coercion, checks, dumps) would visit.
 MAX_VALUES = 100_000
 MAX_DEPTH = 50
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space entry, keyed in the config by the dotted path it overrides (e.g. `train.lr`)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def validate(self, key: str) -> None:
+        """An entry a searcher can sample (`key` names it in the error): choices, or a range low..high."""
+        if self.type == "categorical":
+            if not self.choices:
+                raise UserError(f"{key}: categorical with an empty choice list; give at least one choice")
+            return
+        if self.low is None or self.high is None:
+            raise UserError(f"{key}: {self.type} needs low and high")
+        if self.low > self.high:
+            raise UserError(f"{key}: low={self.low} is above high={self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise UserError(f"{key}: a log scale needs low > 0 (got low={self.low})")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise UserError(f"{key}: int bounds must be whole numbers")
 
 
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
@@ -65,6 +93,13 @@ def load_yaml(text: str, what: str, lenient: bool = False) -> Any:
         inner = [*item.keys(), *item.values()] if isinstance(item, dict) else item if isinstance(item, list) else []
         todo.extend((v, depth + 1) for v in inner)
     return value
+
+
+def at_least(key: str, value: float | None, low: float, above: bool = False, hint: str = "") -> None:
+    """The one form of a bound's error: `KEY=VALUE must be >= LOW` (`> LOW` with `above`), then `hint` (e.g. what
+    null means). None passes: a field that may be null means off, or all, by it."""
+    if value is not None and (value <= low if above else value < low):
+        raise UserError(f"{key}={value} must be {'>' if above else '>='} {low}{hint}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
