@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,11 @@ def trial_number(name: str) -> int:
     return int(name.split("_")[1])
 
 
+def is_local(fs: pyarrow.fs.FileSystem) -> bool:
+    """Local disk or NFS (a mounted path), where paths, links and atomic renames are the operating system's."""
+    return isinstance(fs, pyarrow.fs.LocalFileSystem)
+
+
 def exists(fs: pyarrow.fs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
@@ -174,12 +180,9 @@ def _aws_detail(message: str) -> str:
 
 def _reachable(endpoint: str) -> str | None:
     """None if a TCP connection to the endpoint opens, else why not."""
-    scheme, _, hostport = endpoint.rpartition("://")
-    host, _, port = hostport.partition("/")[0].rpartition(":")
-    if not host:
-        host, port = hostport.partition("/")[0], ""
+    url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     try:
-        socket.create_connection((host, int(port or (80 if scheme == "http" else 443))), timeout=5).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
         return None
     except OSError as e:
         return e.strerror or str(e)
@@ -258,7 +261,7 @@ def _delete_quietly(fs: pyarrow.fs.FileSystem, paths: list[str]) -> None:
 def _local_dirs(fs: pyarrow.fs.FileSystem, root: str) -> Iterator[None]:
     """A local root is created for the check and, where it did not exist, removed afterwards (a dry run leaves no
     trace). Object stores need no directories."""
-    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+    if not is_local(fs):
         yield
         return
     missing = []
