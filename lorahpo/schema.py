@@ -109,9 +109,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+        null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if null and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
@@ -137,17 +136,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise UserError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
-            raise UserError(f"{key}={value!r} must be an integer")
-        return int(value)
-    if tp is float:
+    if tp in (int, float):
         try:
-            if isinstance(value, bool):
+            # a bool is no number; an int is written as one (`3`, `"3"`), never as a float (`3.0`)
+            if isinstance(value, bool) or (tp is int and not isinstance(value, (int, str))):
                 raise ValueError
-            number = float(value)  # YAML reads `1e-4` (no dot) as a string
+            number = tp(value)  # YAML reads `1e-4` (no dot) as a string
         except (TypeError, ValueError):
-            raise UserError(f"{key}={value!r} must be a number") from None
+            raise UserError(f"{key}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
         return _finite(number, key)
     if tp is str:
         if value is None or isinstance(value, (dict, list)):  # `KEY=` gives None: not the string "None"
@@ -179,14 +175,6 @@ def _finite(value: Any, key: str) -> Any:
     for inner in value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ():
         _finite(inner, key)
     return value
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
 
 
 def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
