@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from lorahpo.errors import UserError
-from lorahpo.schema import build, load_yaml, parse_overrides, plain, unknown_key, valid_keys
+from lorahpo.schema import ParamSpec, at_least, build, load_yaml, parse_overrides, plain, unknown_key, valid_keys
 
 # The ONE list of evaluation metrics and their direction: the LightningModule computes them, each split's columns
 # (`val_*`, `test_*`) and every table derive from it. The tuning metric is the running best of `train.metric`
@@ -72,10 +72,8 @@ class DataConfig:
             )
         if self.split[0] <= 0 or self.split[1] <= 0:
             raise UserError(f"data.split={list(self.split)}: train and val fractions must be > 0")
-        if self.max_length < 2:
-            raise UserError(f"data.max_length={self.max_length} must be >= 2")
-        if self.max_examples is not None and self.max_examples < 10:
-            raise UserError(f"data.max_examples={self.max_examples} must be >= 10 (or null for all)")
+        at_least("data.max_length", self.max_length, 2)
+        at_least("data.max_examples", self.max_examples, 10, hint=" (or null for all)")
         for key, given in (("files", self.files), ("hf_splits", self.hf_splits)):
             if set(given) - {"train", "val", "test"} or (given and not {"train", "test"} <= set(given)):
                 raise UserError(f"data.{key}={given} must name train and test (and val if given), nothing else")
@@ -98,8 +96,7 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) to pin the weights a paper reports."""
 
     def __post_init__(self) -> None:
-        if self.num_layers is not None and self.num_layers < 1:
-            raise UserError(f"model.num_layers={self.num_layers} must be >= 1 (or null for all layers)")
+        at_least("model.num_layers", self.num_layers, 1, hint=" (or null for all layers)")
 
 
 @dataclass(frozen=True)
@@ -113,10 +110,8 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise UserError(f"lora.r={self.r} must be >= 1")
-        if self.last_n < 1:
-            raise UserError(f"lora.last_n={self.last_n} must be >= 1")
+        at_least("lora.r", self.r, 1)
+        at_least("lora.last_n", self.last_n, 1)
         if not 0 <= self.dropout < 1:
             raise UserError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if not self.target_modules:
@@ -143,18 +138,14 @@ class TrainConfig:
     """torch CPU threads; None: the trial's CPU share (`sweep.cpus_per_trial`)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise UserError(f"train.lr={self.lr} must be > 0")
+        at_least("train.lr", self.lr, 0, above=True)
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise UserError("train.batch_size, train.max_epochs and train.patience must each be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if self.class_weight <= 0:
-            raise UserError(f"train.class_weight={self.class_weight} must be > 0")
-        if self.weight_decay < 0:
-            raise UserError(f"train.weight_decay={self.weight_decay} must be >= 0")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise UserError(f"train.num_threads={self.num_threads} must be >= 1 (or null: the trial's CPU share)")
+        at_least("train.class_weight", self.class_weight, 0, above=True)
+        at_least("train.weight_decay", self.weight_decay, 0)
+        at_least("train.num_threads", self.num_threads, 1, hint=" (or null: the trial's CPU share)")
         if self.metric not in VAL_METRICS:
             raise UserError(f"train.metric={self.metric!r} is not a metric; choose one of {sorted(VAL_METRICS)}")
         if self.mode != VAL_METRICS[self.metric]:
@@ -166,17 +157,6 @@ class TrainConfig:
     def eval_batch_size(self) -> int:
         """Evaluation keeps no activations for a backward pass: twice the training batch fits the same memory."""
         return self.batch_size * 2
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One search-space entry, keyed in the config by the dotted path it overrides (e.g. `train.lr`)."""
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,14 +176,6 @@ class SweepConfig:
     """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
     batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
     (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
-    planning_lag: int = 2
-    """Deterministic sweeps: batch k is planned from the trials of batches <= k - planning_lag (results vary)."""
-    told: Literal["final", "first_rung"] = "final"
-    """Deterministic sweeps: the searcher learns a trial's value when it ended (`final`), or its running best after
-    `grace_period` epochs (`first_rung`: a fidelity every trial reaches, so all are compared alike)."""
-    rung_min_trials: int = 1
-    """Deterministic ASHA: the first n trials to reach a rung are judged against all n (the early ones wait, paused),
-    as synchronous successive halving would. Above trials_per_batch x planning_lag it needs told=first_rung."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -241,27 +213,18 @@ class SweepConfig:
     else the local disk's free space. The size is known before anything is built; too large is an error."""
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.max_concurrent_trials < 1:
-            raise UserError("sweep.num_samples and sweep.max_concurrent_trials must each be >= 1")
-        if self.trials_per_batch < 1:
-            raise UserError(f"sweep.trials_per_batch={self.trials_per_batch} must be >= 1 (e.g. 4)")
-        if self.planning_lag < 1 or self.rung_min_trials < 1:
-            raise UserError("sweep.planning_lag and sweep.rung_min_trials must each be >= 1")
-        if self.told == "final" and self.rung_min_trials > self.trials_per_batch * self.planning_lag:
-            raise UserError(
-                f"sweep.rung_min_trials={self.rung_min_trials} with sweep.told=final: the first trials would wait at "
-                "their first rung for trials that are planned only once they end; set sweep.told=first_rung"
-            )
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise UserError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0")
+        at_least("sweep.num_samples", self.num_samples, 1)
+        at_least("sweep.max_concurrent_trials", self.max_concurrent_trials, 1)
+        at_least("sweep.trials_per_batch", self.trials_per_batch, 1, hint=" (e.g. 4)")
+        at_least("sweep.cpus_per_trial", self.cpus_per_trial, 0, above=True)
+        at_least("sweep.gpus_per_trial", self.gpus_per_trial, 0)
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise UserError(f"sweep.gpus_per_trial={self.gpus_per_trial}: above 1, use a whole number of GPUs")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            raise UserError("sweep.grace_period must be >= 1 and sweep.reduction_factor >= 2")
-        if self.max_failures < 0 or self.num_to_keep < 1:
-            raise UserError("sweep.max_failures must be >= 0 and sweep.num_to_keep >= 1")
-        if self.prefix_cache_max_gb is not None and self.prefix_cache_max_gb <= 0:
-            raise UserError(f"sweep.prefix_cache_max_gb={self.prefix_cache_max_gb} must be > 0 (or null: no cap)")
+        at_least("sweep.grace_period", self.grace_period, 1)
+        at_least("sweep.reduction_factor", self.reduction_factor, 2)
+        at_least("sweep.max_failures", self.max_failures, 0)
+        at_least("sweep.num_to_keep", self.num_to_keep, 1)
+        at_least("sweep.prefix_cache_max_gb", self.prefix_cache_max_gb, 0, above=True, hint=" (or null: no cap)")
         if len(set(self.loggers)) != len(self.loggers):
             raise UserError(f"sweep.loggers={list(self.loggers)} names a logger twice; list each once")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):
@@ -349,18 +312,7 @@ def _validate_spec(key: str, spec: ParamSpec) -> None:
                 f"name {', '.join(TUNABLE)}"
             )
         raise unknown_key(f"search.{key}", list(TUNABLE))
-    if spec.type == "categorical":
-        if not spec.choices:
-            raise UserError(f"search.{key}: categorical with an empty choice list; give at least one choice")
-        return
-    if spec.low is None or spec.high is None:
-        raise UserError(f"search.{key}: {spec.type} needs low and high")
-    if spec.low > spec.high:
-        raise UserError(f"search.{key}: low={spec.low} is above high={spec.high}; swap them")
-    if spec.log and spec.low <= 0:
-        raise UserError(f"search.{key}: a log scale needs low > 0 (got low={spec.low})")
-    if spec.type == "int" and (spec.low != int(spec.low) or spec.high != int(spec.high)):
-        raise UserError(f"search.{key}: int bounds must be whole numbers")
+    spec.validate(f"search.{key}")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

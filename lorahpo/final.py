@@ -10,7 +10,7 @@ plan   k seeds derived from the root seed and the run index, none equal to a see
 run    the runs as their own Ray Tune experiment inside the sweep's directory (`final_seeds<k>`): the sweep's trainable,
        resources, early stopping and checkpoints; FIFO (no ASHA), no searcher, so they never feed back into the search;
        parallel where slots allow; resumable (a killed driver + `--final` again continues them). Each run's best-val
-       checkpoint is then scored on a worker with a trial's resources (trainable.score_test).
+       checkpoint is then scored on a worker with a trial's resources (trainable.score_checkpoint).
 block  the summary's `final` block: per config and test metric {mean, std, values}, the paired gain with an interval
        over seed and test-set noise (stats.GAIN_METHOD).
        No wall time or path in it: two evaluations of the same sweep give equal blocks.
@@ -43,8 +43,8 @@ from lorahpo.stats import (
     spread,
 )
 from lorahpo.storage import display, experiment_dir, read_text, trial_name, upload
-from lorahpo.trainable import score_test
-from lorahpo.tuner import run_config, trainable, trial_with_env
+from lorahpo.trainable import score_checkpoint
+from lorahpo.tuner import reopen, run_config, trainable, trial_with_env
 
 ROLES = ("tuned", "baseline")
 # The final runs' own stream of seeds from the root seed (numpy's SeedSequence: independent streams per spawn key),
@@ -186,13 +186,7 @@ def fit_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any]) -> tun
                 f"--final: {where} holds final runs of another plan (plan.json differs: other code or another sweep); "
                 "move that directory away to run them anew"
             )
-        tuner = tune.Tuner.restore(
-            path,
-            trainable=trainable(cfg, data, trial=final_trial),
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=fs,
-        )
+        tuner = reopen(path, fs, trainable(cfg, data, trial=final_trial), retry=True)
     else:
         upload({"plan.json": json.dumps(plan, indent=2)}, path, fs)
         tuner = make_tuner(cfg, data, plan)
@@ -218,15 +212,14 @@ def score_runs(cfg: ExperimentConfig, data: TaskData, plan: dict[str, Any], grid
     exp, fs = experiment_dir(cfg)
     path = f"{exp}/{plan['experiment']}"
     results = {(r.config["run"]["role"], r.config["run"]["index"]): r for r in grid}
-    task = ray.remote(score_test).options(**trial_task_options(cfg), max_retries=0)
+    task = ray.remote(score_checkpoint).options(**trial_task_options(cfg), max_retries=0)
     data_ref = ray.put(data)  # once, not once per task
     refs, records = [], []
     for run in plan["runs"]:
         result = results[(run["role"], run["index"])]
         checkpoint = result.get_best_checkpoint(cfg.train.metric, cfg.train.mode)
         run_cfg = apply_overrides(cfg, run["overrides"])
-        log = f"{path}/{trial_name(result)}/scoring.log"
-        refs.append(task.remote(run_cfg, data_ref, checkpoint, log, fs))
+        refs.append(task.remote(run_cfg, data_ref, checkpoint, f"{path}/{trial_name(result)}", fs, export=False))
         m = result.metrics
         records.append(
             {

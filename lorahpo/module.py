@@ -33,17 +33,11 @@ def make_metrics(num_labels: int) -> torchmetrics.MetricCollection:
     """Binary: accuracy, macro-F1 over both classes, F-beta of the positive class (index 1).
     Multi-class: accuracy, macro-F1, macro F-beta. (The loss, the fourth metric, is tracked by the module.)"""
     if num_labels == 2:
-        metrics = {
-            "accuracy": BinaryAccuracy(),
-            "f1": MulticlassF1Score(2, average="macro"),
-            "fbeta": BinaryFBetaScore(beta=FBETA_BETA),
-        }
+        accuracy, fbeta = BinaryAccuracy(), BinaryFBetaScore(beta=FBETA_BETA)
     else:
-        metrics = {
-            "accuracy": MulticlassAccuracy(num_labels, average="micro"),
-            "f1": MulticlassF1Score(num_labels, average="macro"),
-            "fbeta": MulticlassFBetaScore(beta=FBETA_BETA, num_classes=num_labels, average="macro"),
-        }
+        accuracy = MulticlassAccuracy(num_labels, average="micro")
+        fbeta = MulticlassFBetaScore(beta=FBETA_BETA, num_classes=num_labels, average="macro")
+    metrics = {"accuracy": accuracy, "f1": MulticlassF1Score(num_labels, average="macro"), "fbeta": fbeta}
     assert set(metrics) | {"loss"} == set(METRICS), "config.METRICS and the metrics computed here must agree"
     return torchmetrics.MetricCollection(metrics)
 

@@ -69,61 +69,40 @@ def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> tuple[i
     return tuple(grace_period * reduction_factor**k for k in range(count))
 
 
-def rung_decision(
-    records: list[TrialRecord], n: int, epoch: int, reduction_factor: int, sign: float, min_trials: int = 1
-) -> str | None:
+def rung_decision(records: list[TrialRecord], n: int, epoch: int, reduction_factor: int, sign: float) -> str | None:
     """ASHA's decision for trial n at rung `epoch`, as if trials had reported in number order: STOP when its value is
-    below the (1 - 1/rf) quantile of the rung values of the trials before it, else CONTINUE. The first trials of a
-    sweep meet few others, so ASHA promotes nearly any of them (each promotion costs the epochs up to the next rung);
-    with `min_trials` m > 1 a trial among the first m is judged against all the others of the first m, as synchronous
-    successive halving would (it waits, paused, for the later ones). None while a trial it is judged against has
-    neither reported that epoch nor ended (or is not suggested yet): the decision is not known yet. `sign` is +1 to
-    maximise."""
-    pool = max(n, min_trials)
-    if len(records) < pool:
-        return None
-    others = []
-    for i, rec in enumerate(records[:pool]):
-        if i == n:
-            continue
+    below the (1 - 1/rf) quantile of the rung values of the trials before it, else CONTINUE. None while an earlier
+    trial has neither reported that epoch nor ended: the decision is not known yet. `sign` is +1 to maximise."""
+    earlier = []
+    for rec in records[:n]:
         if epoch in rec.values:
-            others.append(sign * rec.values[epoch])
+            earlier.append(sign * rec.values[epoch])
         elif not rec.ended:
             return None
-    if not others:
+    if not earlier:
         return CONTINUE
-    cutoff = np.nanpercentile(others, (1 - 1 / reduction_factor) * 100)
+    cutoff = np.nanpercentile(earlier, (1 - 1 / reduction_factor) * 100)
     return STOP if sign * records[n].values[epoch] < cutoff else CONTINUE
 
 
-def told_before(k: int, per_batch: int, lag: int) -> int:
-    """Batch k is planned from trials 0 .. told_before(k) - 1 (batches <= k - lag)."""
-    return max(0, (k - lag + 1) * per_batch)
+LAG = 2
+"""Batch k is planned from the trials of batches <= k - LAG: LAG - 1 batches run while the sampler waits for data."""
 
 
-def told_value(rec: TrialRecord, first_rung: int | None) -> float | None:
-    """What the sampler is told of a trial (None: failed, or nothing known yet). `first_rung` None: its final value,
-    the running best when it ended (a stopped trial's early score next to a promoted trial's later epochs). An epoch:
-    its running best there, a fidelity every trial that does not fail reaches, so that all are compared alike and a
-    batch waits only for earlier trials to reach it; a trial that ended before it is told its final value."""
-    if rec.failed:
-        return None
-    if first_rung is not None and first_rung in rec.values:
-        return rec.values[first_rung]
-    return rec.values[max(rec.values)] if rec.values and rec.ended else None
+def told_before(k: int, per_batch: int) -> int:
+    """Batch k is planned from trials 0 .. told_before(k) - 1 (batches <= k - LAG), finished by then."""
+    return max(0, (k - LAG + 1) * per_batch)
 
 
-def batch_gate_open(records: list[TrialRecord], k: int, per_batch: int, lag: int, first_rung: int | None) -> bool:
-    """Batch k may be planned once every trial of batches <= k - lag is known: ended, or past `first_rung`."""
-    return all(
-        rec.ended or (first_rung is not None and first_rung in rec.values)
-        for rec in records[: told_before(k, per_batch, lag)]
-    )
+def batch_gate_open(records: list[TrialRecord], k: int, per_batch: int) -> bool:
+    """Batch k may be planned once every trial of batches <= k - LAG has ended."""
+    return all(rec.ended for rec in records[: told_before(k, per_batch)])
 
 
-def first_rung(cfg: ExperimentConfig) -> int | None:
-    """The epoch the searcher is told each trial's value at (`sweep.told`), None for the final value."""
-    return cfg.sweep.grace_period if cfg.sweep.told == "first_rung" else None
+def final_value(rec: TrialRecord) -> float | None:
+    """What the sampler is told of a trial: its final value, the running best when it ended (None: failed, or not
+    ended: a record restored from a save made while it ran)."""
+    return rec.values[max(rec.values)] if rec.values and rec.ended and not rec.failed else None
 
 
 def plan_batch(
@@ -142,7 +121,7 @@ def plan_batch(
     space = optuna_space(cfg)
     done, failed = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
     for rec in finished:
-        value = told_value(rec, first_rung(cfg))
+        value = final_value(rec)
         trial = optuna.trial.create_trial(
             params=rec.params, distributions=space, value=value, state=done if value is not None else failed
         )
@@ -233,8 +212,7 @@ class BatchSearcher(Searcher):
         if self.wanted <= 0:
             return None  # no slot would take it yet; the params of trial n do not depend on when it is asked for
         k = n // per_batch
-        gate = batch_gate_open(self.records, k, per_batch, self.cfg.sweep.planning_lag, first_rung(self.cfg))
-        if k not in self.batches and not gate:
+        if k not in self.batches and not batch_gate_open(self.records, k, per_batch):
             return None
         params = dict(self.planned(k)[n % per_batch])
         self.index[trial_id] = n
@@ -245,12 +223,11 @@ class BatchSearcher(Searcher):
 
     def planned(self, k: int) -> list[dict[str, Any]]:
         """The params of batch k, planned now unless they are known (a pure function of the seed and the trials of
-        batches <= k - lag, all known by the time its gate opened; after --resume, as the restored records hold
+        batches <= k - LAG, all ended by the time its gate opened; after --resume, as the restored records hold
         them)."""
         if k not in self.batches:
-            lag = self.cfg.sweep.planning_lag
-            finished = self.records[: told_before(k, self.cfg.sweep.trials_per_batch, lag)]
-            running = [dict(p) for j in range(max(0, k - lag + 1), k) for p in self.planned(j)]
+            finished = self.records[: told_before(k, self.cfg.sweep.trials_per_batch)]
+            running = [dict(p) for j in range(max(0, k - LAG + 1), k) for p in self.planned(j)]
             self.batches[k] = plan_batch(self.cfg, k, finished, running)
         return self.batches[k]
 
@@ -304,7 +281,6 @@ class OrderedScheduler(TrialScheduler):
         self.max_t = cfg.train.max_epochs
         self.rungs = rung_epochs(cfg.sweep.grace_period, cfg.sweep.reduction_factor, self.max_t) if self.halving else ()
         self.reduction_factor = cfg.sweep.reduction_factor
-        self.min_trials = cfg.sweep.rung_min_trials
         self.sign = 1.0 if cfg.train.mode == "max" else -1.0
         self.admitted: set[str] = set()  # chosen to run, not paused or ended since
 
@@ -322,7 +298,7 @@ class OrderedScheduler(TrialScheduler):
         n = s.index[trial.trial_id]
         if epoch not in s.records[n].values:
             return CONTINUE  # only if storage lost the searcher's newest state: train on rather than wait forever
-        return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign, self.min_trials)
+        return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         live = trial.status not in (Trial.TERMINATED, Trial.ERROR)
@@ -396,9 +372,3 @@ class OrderedScheduler(TrialScheduler):
     def debug_string(self) -> str:
         mode = f"rungs at epochs {list(self.rungs)}" if self.halving else "no early stopping"
         return f"Deterministic scheduling in trial-number order ({mode}), at most {self.slots} trials at once."
-
-    def save(self, checkpoint_path: str) -> None:
-        pass  # nothing of its own to keep: decisions come from the searcher's records
-
-    def restore(self, checkpoint_path: str) -> None:
-        pass

@@ -31,7 +31,7 @@ import pyarrow.fs
 
 from lorahpo.config import ExperimentConfig
 from lorahpo.errors import Interrupted, UserError
-from lorahpo.storage import display, exists, experiment_dir, read_bytes, write_bytes
+from lorahpo.storage import display, exists, experiment_dir, is_local, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,10 @@ HEARTBEAT_S = 30.0  # how often a running driver rewrites its owner record
 STALE_S = 300.0
 
 
-def _local(fs: pyarrow.fs.FileSystem) -> bool:
-    return isinstance(fs, pyarrow.fs.LocalFileSystem)
-
-
 def _record(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | str | None:
     """The small JSON object at `path`; None where there is nothing; else why it is not one lorahpo wrote (a link
     is not followed, a directory, FIFO or big file not read)."""
-    if _local(fs) and os.path.islink(path):
+    if is_local(fs) and os.path.islink(path):
         return "a link"
     info = fs.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
@@ -76,7 +72,7 @@ def _write(fs: pyarrow.fs.FileSystem, path: str, payload: str, exclusive: bool) 
     """Write `path` whole (no reader sees half of it); `exclusive`: only if it does not exist. True if written.
     Local disk and NFS: a temporary file hard-linked (atomic create-if-absent) or renamed into place. S3 has no
     create-if-absent through pyarrow: check, write, read back; two writers within one round trip can both win."""
-    if not _local(fs):
+    if not is_local(fs):
         if exclusive and exists(fs, path):
             return False
         write_bytes(fs, path, payload.encode())
@@ -101,14 +97,14 @@ def claim(fs: pyarrow.fs.FileSystem, exp: str, payload: str) -> bool:
 def occupied(cfg: ExperimentConfig) -> bool:
     """Is there anything at the experiment path (a link included, even a dangling one)?"""
     exp, fs = experiment_dir(cfg)
-    return os.path.lexists(exp) if _local(fs) else exists(fs, exp)
+    return os.path.lexists(exp) if is_local(fs) else exists(fs, exp)
 
 
 def check_sweep(cfg: ExperimentConfig) -> None:
     """--overwrite deletes only a sweep: a real directory (not a link to one) holding the marker lorahpo wrote."""
     exp, fs = experiment_dir(cfg)
     marker = _record(fs, f"{exp}/{SWEEP_MARKER}")
-    if _local(fs) and os.path.islink(exp):
+    if is_local(fs) and os.path.islink(exp):
         why = f"it is a link (to {os.readlink(exp)}), and --overwrite never deletes through a link"
     elif fs.get_file_info(exp).type != pyarrow.fs.FileType.Directory:
         why = "it is not a directory"
@@ -200,7 +196,7 @@ def check_free(cfg: ExperimentConfig, flag: str | None) -> int:
 def _acquire(cfg: ExperimentConfig, flag: str | None) -> tuple[str, dict[str, Any]]:
     """This driver's owner record, in the next generation; a live holder is refused."""
     exp, fs = experiment_dir(cfg)
-    if _local(fs):
+    if is_local(fs):
         Path(exp).mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # a generation taken under us: look again (its holder may have died too)
         top, now = check_free(cfg, flag), time.time()
@@ -285,7 +281,7 @@ def wipe(cfg: ExperimentConfig, keep: str) -> None:
     check_sweep(cfg)
     log.warning("--overwrite: deleting the earlier experiment at %s", display(cfg, experiment=True))
     try:
-        if not _local(fs):
+        if not is_local(fs):
             for info in fs.get_file_info(pyarrow.fs.FileSelector(exp)):
                 if info.path.rstrip("/") == exp.rstrip("/"):  # keys with an empty segment (`s//x`) list as `exp`
                     log.warning("--overwrite: keys under %s// are left (pyarrow cannot address them)", exp)

@@ -220,22 +220,16 @@ def optuna_study(results: Iterable[tune.Result], cfg: ExperimentConfig) -> optun
     return study
 
 
+COMPARED = ("params", "distributions", "state", "values", "intermediate_values", "user_attrs")
+"""What two studies of one sweep must agree on for each trial."""
+
+
 def study_differences(a: optuna.Study, b: optuna.Study) -> list[str]:
     """How two studies of the same sweep differ, trial by trial (matched by the `trial_id` user attr): params,
     state, value, intermediate values, user attrs. Empty when they are the same study."""
 
     def view(study: optuna.Study) -> dict[str, tuple]:
-        return {
-            str(t.user_attrs.get("trial_id")): (
-                t.params,
-                t.distributions,
-                t.state,
-                t.values,
-                t.intermediate_values,
-                t.user_attrs,
-            )
-            for t in study.trials
-        }
+        return {str(t.user_attrs.get("trial_id")): tuple(getattr(t, k) for k in COMPARED) for t in study.trials}
 
     va, vb = view(a), view(b)
     out = [f"{k}: only in one study" for k in sorted(set(va) ^ set(vb))]

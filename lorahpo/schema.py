@@ -1,7 +1,8 @@
 """Frozen dataclasses from plain YAML data: every value coerced to the type its field declares (`1e-4` read as a
 string becomes a float, `q_proj,v_proj` a tuple, `null` None), every unknown key named with the nearest valid one.
 And the generic halves of overrides and dumps: `KEY=VALUE` strings parsed, nested dicts flattened to dotted keys,
-values made plain for JSON and YAML. Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
+values made plain for JSON and YAML; and the generic checks of values: a bound (`at_least`), a search-space entry
+(`ParamSpec.validate`). Generic: it knows nothing of lorahpo's sections (config.py declares those)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import difflib
 import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
@@ -20,6 +22,32 @@ from lorahpo.errors import UserError
 # values (safe_load shares them), which every later walk over the config (coercion, checks, dumps) would visit.
 MAX_VALUES = 100_000
 MAX_DEPTH = 50
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space entry, keyed in the config by the dotted path it overrides (e.g. `train.lr`)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def validate(self, key: str) -> None:
+        """An entry a searcher can sample (`key` names it in the error): choices, or a range low..high."""
+        if self.type == "categorical":
+            if not self.choices:
+                raise UserError(f"{key}: categorical with an empty choice list; give at least one choice")
+            return
+        if self.low is None or self.high is None:
+            raise UserError(f"{key}: {self.type} needs low and high")
+        if self.low > self.high:
+            raise UserError(f"{key}: low={self.low} is above high={self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise UserError(f"{key}: a log scale needs low > 0 (got low={self.low})")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise UserError(f"{key}: int bounds must be whole numbers")
 
 
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
@@ -67,6 +95,13 @@ def load_yaml(text: str, what: str, lenient: bool = False) -> Any:
     return value
 
 
+def at_least(key: str, value: float | None, low: float, above: bool = False, hint: str = "") -> None:
+    """The one form of a bound's error: `KEY=VALUE must be >= LOW` (`> LOW` with `above`), then `hint` (e.g. what
+    null means). None passes: a field that may be null means off, or all, by it."""
+    if value is not None and (value <= low if above else value < low):
+        raise UserError(f"{key}={value} must be {'>' if above else '>='} {low}{hint}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the declared field type, or raise a UserError naming the key."""
     if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy scalars from pandas/parquet
@@ -74,9 +109,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
+        null = value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        if null and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
@@ -102,17 +136,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise UserError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _is_int(value))):
-            raise UserError(f"{key}={value!r} must be an integer")
-        return int(value)
-    if tp is float:
+    if tp in (int, float):
         try:
-            if isinstance(value, bool):
+            # a bool is no number; an int is written as one (`3`, `"3"`), never as a float (`3.0`)
+            if isinstance(value, bool) or (tp is int and not isinstance(value, (int, str))):
                 raise ValueError
-            number = float(value)  # YAML reads `1e-4` (no dot) as a string
+            number = tp(value)  # YAML reads `1e-4` (no dot) as a string
         except (TypeError, ValueError):
-            raise UserError(f"{key}={value!r} must be a number") from None
+            raise UserError(f"{key}={value!r} must be {'an integer' if tp is int else 'a number'}") from None
         return _finite(number, key)
     if tp is str:
         if value is None or isinstance(value, (dict, list)):  # `KEY=` gives None: not the string "None"
@@ -144,14 +175,6 @@ def _finite(value: Any, key: str) -> Any:
     for inner in value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ():
         _finite(inner, key)
     return value
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
 
 
 def build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:

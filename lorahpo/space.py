@@ -12,7 +12,8 @@ import numpy as np
 import optuna
 from ray.tune.search import Searcher
 
-from lorahpo.config import ExperimentConfig, ParamSpec, direction, tuning_metric
+from lorahpo.config import ExperimentConfig, direction, tuning_metric
+from lorahpo.schema import ParamSpec
 
 log = logging.getLogger(__name__)
 

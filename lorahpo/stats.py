@@ -74,11 +74,6 @@ def scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, num_labels: int) -> n
     return np.stack([accuracy, f1, fbeta])
 
 
-def metric(name: str, preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
-    """One metric of TEST_METRICS over all examples."""
-    return float(metrics(preds, labels, num_labels)[TEST_METRICS.index(name)])
-
-
 def bootstrap_ci(preds: Sequence[int], labels: Sequence[int], num_labels: int, seed: int) -> dict[str, list[float]]:
     """{"test_<metric>": [low, high]}: a 95% percentile bootstrap interval over examples for each metric, all from the
     same resamples. Percentile, not BCa: BCa is NaN when every resample gives the same value (a perfect classifier);

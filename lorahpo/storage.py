@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,11 @@ def trial_number(name: str) -> int:
     return int(name.split("_")[1])
 
 
+def is_local(fs: pyarrow.fs.FileSystem) -> bool:
+    """Local disk or NFS (a mounted path), where paths, links and atomic renames are the operating system's."""
+    return isinstance(fs, pyarrow.fs.LocalFileSystem)
+
+
 def exists(fs: pyarrow.fs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
@@ -174,54 +180,50 @@ def _aws_detail(message: str) -> str:
 
 def _reachable(endpoint: str) -> str | None:
     """None if a TCP connection to the endpoint opens, else why not."""
-    scheme, _, hostport = endpoint.rpartition("://")
-    host, _, port = hostport.partition("/")[0].rpartition(":")
-    if not host:
-        host, port = hostport.partition("/")[0], ""
+    url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     try:
-        socket.create_connection((host, int(port or (80 if scheme == "http" else 443))), timeout=5).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
         return None
     except OSError as e:
         return e.strerror or str(e)
 
 
+# Each cause's marks in an error message, as matched: lower-case without underscores, so that one mark covers both
+# spellings of an error code (pyarrow's NO_SUCH_BUCKET, S3's NoSuchBucket).
 _S3_CAUSES: tuple[tuple[tuple[str, ...], str], ...] = (
     (
-        ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist", "RESOURCE_NOT_FOUND during HeadBucket"),
+        ("nosuchbucket", "bucket does not exist", "resourcenotfound during headbucket"),
         "bucket {bucket!r} does not exist ({detail})",
     ),
     (
         (
-            "INVALID_ACCESS_KEY_ID",
-            "InvalidAccessKeyId",
-            "SIGNATURE_DOES_NOT_MATCH",
-            "SignatureDoesNotMatch",
-            "EXPIRED_TOKEN",
-            "ExpiredToken",
-            "INVALID_CLIENT_TOKEN_ID",
-            "UNRECOGNIZED_CLIENT",
-            "MISSING_AUTHENTICATION_TOKEN",
-            "No credentials",
-            "Unable to locate credentials",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "expiredtoken",
+            "invalidclienttokenid",
+            "unrecognizedclient",
+            "missingauthenticationtoken",
+            "no credentials",
+            "unable to locate credentials",
         ),
         "bad credentials ({detail}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance "
         "profile",
     ),
     (
-        ("ACCESS_DENIED", "AccessDenied"),
+        ("accessdenied",),
         "access denied ({detail}); the credentials need s3:PutObject, s3:GetObject, s3:DeleteObject and "
         "s3:ListBucket there",
     ),
     (
         (
-            "NETWORK_CONNECTION",
-            "curlCode",
-            "Could not connect",
-            "Couldn't connect",
-            "Couldn't resolve",
-            "Timeout was reached",
+            "networkconnection",
+            "curlcode",
+            "could not connect",
+            "couldn't connect",
+            "couldn't resolve",
+            "timeout was reached",
             "timed out",
-            "Connection refused",
+            "connection refused",
         ),
         "{endpoint} is unreachable ({detail}); check sweep.s3_endpoint and the network",
     ),
@@ -238,8 +240,9 @@ def storage_cause(cfg: ExperimentConfig, error: BaseException) -> str:
     bucket = cfg.sweep.storage_path.removeprefix("s3://").split("/")[0]
     endpoint = f"endpoint {cfg.sweep.s3_endpoint}" if cfg.sweep.s3_endpoint else "AWS S3"
     detail = _aws_detail(message)
+    marks = message.lower().replace("_", "")
     for needles, cause in _S3_CAUSES:
-        if any(n in message for n in needles):
+        if any(n in marks for n in needles):
             return cause.format(bucket=bucket, endpoint=endpoint, detail=detail)
     if cfg.sweep.s3_endpoint and (why := _reachable(cfg.sweep.s3_endpoint)) is not None:
         return f"{endpoint} is unreachable ({why}); check sweep.s3_endpoint and the network"
@@ -258,7 +261,7 @@ def _delete_quietly(fs: pyarrow.fs.FileSystem, paths: list[str]) -> None:
 def _local_dirs(fs: pyarrow.fs.FileSystem, root: str) -> Iterator[None]:
     """A local root is created for the check and, where it did not exist, removed afterwards (a dry run leaves no
     trace). Object stores need no directories."""
-    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+    if not is_local(fs):
         yield
         return
     missing = []

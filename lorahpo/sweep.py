@@ -70,7 +70,7 @@ from lorahpo.storage import (
 )
 from lorahpo.summary import best_statistics, make_summary, predictions_table, write_summary
 from lorahpo.tracking import check_loggers, finish_journal, log_summary
-from lorahpo.trainable import score_and_export
+from lorahpo.trainable import score_checkpoint
 from lorahpo.tuner import describe, forwarded_env, make_tuner, restore_tuner
 
 log = logging.getLogger(__name__)
@@ -242,9 +242,9 @@ def finalise(cfg: ExperimentConfig, grid: ResultGrid, data: TaskData, meta: dict
                 f"in {where}/results.parquet"
             )
         best_cfg = row_config(cfg, best)
-        task = ray.remote(score_and_export).options(**trial_task_options(cfg), max_retries=0)
+        task = ray.remote(score_checkpoint).options(**trial_task_options(cfg), max_retries=0)
         ckpt = best_checkpoint(grid, best["trial_id"], cfg)
-        scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs))
+        scored = ray.get(task.remote(best_cfg, data, ckpt, exp, fs, export=True))
         summary = make_summary(cfg, df, best, scored["test"], len(data.test), where)
         summary["test_scored"] = 1 + len(meta.get("extensions", []))  # once per finalisation: the sweep, each extension
         summary["data"] = {k: data.info[k] for k in ("split_sizes", "leaks")}

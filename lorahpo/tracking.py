@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 PACKAGES = {"tensorboard": ("tensorboardX", "ray[tune]"), "mlflow": ("mlflow", "lorahpo[mlflow]"),
             "wandb": ("wandb", "lorahpo[wandb]")}  # fmt: skip
 MIRROR_EVERY_S = 30.0  # S3: the local journal is copied to the bucket this often (and at the end)
-SUMMARY_PREFIX = "summary."
 
 
 def check_loggers(cfg: ExperimentConfig) -> None:

@@ -43,7 +43,7 @@ from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer
 from lorahpo.prefix import PrefixCache, cut_for, open_prefix, split_states
 from lorahpo.repro import manifest, seed_everything_everywhere, trial_threads, use_gpu
 from lorahpo.sources import load_model_config, load_tokenizer, on_hub
-from lorahpo.storage import upload_dir, write_bytes
+from lorahpo.storage import upload_dir
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "trial.ckpt"
@@ -234,42 +234,28 @@ def export_best(module: LoraClassifier, cfg: ExperimentConfig, data: TaskData, o
     return kind
 
 
-def score_and_export(
-    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, exp: str, fs: pyarrow.fs.FileSystem
+def score_checkpoint(
+    cfg: ExperimentConfig, data: TaskData, ckpt: tune.Checkpoint, dest: str, fs: pyarrow.fs.FileSystem, export: bool
 ) -> dict[str, Any]:
-    """The end of a sweep, for its best trial (run where a trial runs: same precision, same device, same threads):
-    reload the best epoch's checkpoint, score val (a check: it must reproduce the recorded epoch) and the untouched
-    test split ONCE, export `exp`/best/ on the sweep's storage (library logs: `exp`/scoring.log). Returns the scores,
-    the per-example test predictions (split order) and best/'s format."""
+    """A best-val checkpoint scored ONCE on the untouched test split, where a trial runs (same precision, same device,
+    same threads): the sweep's best trial (`export`: val scored too, a check that it reproduces the recorded epoch, and
+    `dest`/best/ exported) or a final-evaluation run. Library logs go to `dest`/scoring.log on the sweep's storage.
+    Returns the scores, the per-example test predictions (split order) and, with `export`, best/'s format."""
     torch.set_num_threads(trial_threads(cfg))
     gpu = use_gpu(cfg)
+    scored: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         with library_logs(Path(tmp, "scoring.log")):
-            with checkpoint.as_directory() as d:
+            with ckpt.as_directory() as d:
                 module = load_trained(cfg, data, Path(d) / CKPT_NAME)
-            val = evaluate(module, data.val, cfg, data.tokenizer, gpu)
+            if export:
+                scored["val"] = evaluate(module, data.val, cfg, data.tokenizer, gpu)
             test, preds = score_split(module, data.test, cfg, data.tokenizer, gpu) if len(data.test) else ({}, [])
-            kind = export_best(module.cpu(), cfg, data, Path(tmp, "best"))
-        upload_dir(Path(tmp), exp, fs)
+            if export:
+                scored["format"] = export_best(module.cpu(), cfg, data, Path(tmp, "best"))
+        upload_dir(Path(tmp), dest, fs)
     free_memory()
-    return {"val": val, "test": test, "test_predictions": preds, "format": kind}
-
-
-def score_test(
-    cfg: ExperimentConfig, data: TaskData, checkpoint: tune.Checkpoint, log_path: str, fs: pyarrow.fs.FileSystem
-) -> dict[str, Any]:
-    """A final-evaluation run's best-val checkpoint scored ONCE on the test split, like `score_and_export` (where a
-    trial runs), without an export. Library logs go to `log_path` on the sweep's storage."""
-    torch.set_num_threads(trial_threads(cfg))
-    with tempfile.TemporaryDirectory() as tmp:
-        with library_logs(Path(tmp, "scoring.log")):
-            with checkpoint.as_directory() as d:
-                module = load_trained(cfg, data, Path(d) / CKPT_NAME)
-            test, preds = score_split(module, data.test, cfg, data.tokenizer, use_gpu(cfg))
-        with open(Path(tmp, "scoring.log"), "rb") as f:
-            write_bytes(fs, log_path, f.read())
-    free_memory()
-    return {"test": test, "test_predictions": preds}
+    return {**scored, "test": test, "test_predictions": preds}
 
 
 def free_memory() -> None:
@@ -304,12 +290,11 @@ def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData, p
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     ckpt = tune.get_checkpoint()
     cache = open_prefix(prefix, base, data) if prefix is not None else None
+    # a checkpoint: a retry after a failure, or a restored sweep, continues from the last epoch reported
     try:
-        if ckpt is None:
-            fit(cfg, data, report, num_threads=trial_threads(base), gpu=gpu, tags=tags, prefix=cache)
-        else:  # a retry after a failure, or a restored sweep: continue from the last epoch reported
-            with ckpt.as_directory() as d:
-                fit(cfg, data, report, Path(d) / CKPT_NAME, trial_threads(base), gpu, tags, prefix=cache)
+        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
+            resume_from = Path(d) / CKPT_NAME if d is not None else None
+            fit(cfg, data, report, resume_from, trial_threads(base), gpu, tags, prefix=cache)
     finally:
         free_memory()
 

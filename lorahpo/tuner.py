@@ -115,16 +115,12 @@ class StorageWatch(tune.Callback):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
 
-    def _check(self) -> None:
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = storage_failure(self.cfg)
         if error is not None:
             raise error
 
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._check()
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._check()
+    on_trial_error = on_trial_recover  # a failure with no retry left: the same check
 
 
 def make_tuner(
@@ -166,13 +162,7 @@ def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, ret
     `sweep.num_samples`."""
     path, fs = experiment_dir(cfg)
     ray_default_loggers(cfg)  # the trackers themselves were pickled with the experiment
-    tuner = tune.Tuner.restore(
-        path,
-        trainable=trainable(cfg, data, prefix),
-        resume_unfinished=True,
-        resume_errored=retry,
-        storage_filesystem=fs,
-    )
+    tuner = reopen(path, fs, trainable(cfg, data, prefix), retry)
     tc = restored_tune_config(tuner)
     if cfg.sweep.deterministic:  # --resume may run more or fewer trials at once (checks.DETERMINISTIC_RELOCATABLE)
         tc.max_concurrent_trials = cfg.sweep.max_concurrent_trials
@@ -182,6 +172,12 @@ def restore_tuner(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, ret
         tc.search_alg = grown_search(tc.search_alg, tc.max_concurrent_trials, cfg.sweep.num_samples)
         tc.max_concurrent_trials = None  # the limiter is in place; Tune would only warn that it ignores it
     return tuner
+
+
+def reopen(path: str, fs: pyarrow.fs.FileSystem, fn: Any, retry: bool) -> tune.Tuner:
+    """The experiment at `path` (the sweep, or the final runs) continued: finished trials kept, unfinished ones resumed
+    from their last checkpoint and, with `retry`, failed ones run again."""
+    return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=retry, storage_filesystem=fs)
 
 
 def describe(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -25,9 +25,9 @@ from lorahpo.plots import write_final_plot
 from lorahpo.stats import (
     CONFIDENCE,
     GAIN_METHOD,
+    TEST_METRICS,
     bootstrap_ci,
     gain_test_variance,
-    metric,
     metrics,
     paired_gain,
     spread,
@@ -38,6 +38,11 @@ from lorahpo.trainable import build_module
 from .conftest import tiny_config
 
 METRICS = ["test_accuracy", "test_f1", "test_fbeta"]
+
+
+def metric(name: str, preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
+    """One metric of TEST_METRICS over all examples."""
+    return float(metrics(preds, labels, num_labels)[TEST_METRICS.index(name)])
 
 
 def no_nan(obj: object) -> object:
