@@ -4,6 +4,7 @@ trained twice pays twice); a trial ended by patience; and Syne Tune's simulator 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 from tables import Epoch  # noqa: E402
 from trials import Problem, trial_length  # noqa: E402
+
+from .test_replay import LRS as TEN  # noqa: E402
+from .test_replay import table  # noqa: E402
 
 LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
 # config (lr,): val after epochs 1 and 2, and the seconds of each epoch (training seconds: 1 s less)
@@ -192,3 +196,22 @@ print(type(peers_syne.Backend(p, c, peers_syne.blackbox(p, c)).time_keeper).__na
     out = subprocess.run([str(peers_venv.PYTHON), "-c", code], cwd=ROOT / "bench", env=env, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert (out.returncode, out.stdout.strip()) == (0, "Clock"), out.stderr[-2000:]
+
+
+@venv
+def test_a_peer_that_crashes_in_its_own_package_is_left_out_and_says_why(tmp_path: Path) -> None:
+    """Every .venv-peers peer through the replay's CLI on a table of 10 configs, 4 trials, seeds 3-5 (the CLI contract's
+    table): a peer that raises inside its package (Syne Tune 0.14's tabular simulator does here) is left out with its
+    error's last line, and every other method's results are still written."""
+    path = tmp_path / "t.parquet"
+    table({lr: [0.1 * i, 0.1 * i + 0.02 * (i % 3), 0.1 * i, 0.05 * i] for i, lr in enumerate(TEN)}).to_parquet(path)
+    names = [n for n in peers.PEERS if peers.in_venv(n)]
+    cmd = [sys.executable, str(ROOT / "bench" / "replay.py"), "--seeds", "3-5", "--out", str(tmp_path / "r")]
+    proc = subprocess.run([*cmd, "--table", str(path), "--trials", "4", "--jobs", "1", "--methods", *names],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    crashed = {n: res["left_out"][n] for n in names if n not in res["methods"]}
+    assert set(crashed) | (set(names) & set(res["methods"])) == set(names) and "random+fifo" in res["methods"]
+    assert crashed and all(v.startswith("crashed in .venv-peers on this table: ") for v in crashed.values()), crashed
+    assert any(v.endswith("IndexError: list index out of range") for v in crashed.values()), crashed
