@@ -22,7 +22,7 @@ sweep: install            ## python tune_lora.py with configs/default.yaml (pass
 	$(PY) tune_lora.py $(ARGS)
 
 test: install             ## every test tier: config, unit, end-to-end sweeps, cluster + S3
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup --durations=25 $(ARGS)  # 2 workers (pytest-xdist): much of a sweep test waits on processes
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile --durations=25 $(ARGS)  # 2 workers, a file each (tests/conftest.py)
 
 test-fast: install        ## unit tiers only
 	$(PY) -m pytest -q -m "not slow and not cluster" $(ARGS)

@@ -42,8 +42,7 @@ from .conftest import (
 )
 from .test_sweep import OUTPUTS
 
-# One pytest-xdist worker runs this whole module: its cluster and S3 server start once.
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BUCKET = "lorahpo-test"
 PREFIX = "lorahpo"

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.request
 from pathlib import Path
@@ -20,15 +21,16 @@ from typing import Any
 
 import optuna
 import pytest
+from filelock import FileLock
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from lorahpo.results import JOURNAL, load_journal, study_differences
+from lorahpo.tracking import MLflowSweep, log_summary
 
-from .conftest import ROOT, TINY, cli, cli_background, kill_group, tiny_args, wait_for
+from .conftest import ROOT, TINY, cli_background, kill_group, tiny_config, wait_for
 
-# One pytest-xdist worker runs this module: its watched sweep (a module fixture) runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tracking")]
+pytestmark = pytest.mark.slow
 NAME = "watched"
 SECRETS = {"WANDB_API_KEY": "wandbkey-5f3a9c0e1d7b4a2f8e6c", "MLFLOW_TRACKING_TOKEN": "mlflowtoken-93b1e7d2c4a6"}
 ARTIFACTS = ROOT / "test-artifacts"  # kept after the run (gitignored): the dashboard's screenshot
@@ -74,7 +76,19 @@ def chromium(url: str, out: list[str], tmp: Path) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("watched")
+    """The watched sweep, run once per session: under pytest-xdist the first worker to get here runs it under a file
+    lock and saves what it saw; a later setup (another worker, or this one again) reads that."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    saved = shared / "watched.pkl"
+    with FileLock(str(shared / "watched.lock")):
+        if not saved.exists():  # a fresh directory per attempt: a failed one leaves its sweep behind
+            saved.write_bytes(pickle.dumps(watch_a_sweep(Path(tempfile.mkdtemp(prefix="watched", dir=shared)))))
+    return pickle.loads(saved.read_bytes())  # this session's own file
+
+
+def watch_a_sweep(tmp: Path) -> dict[str, Any]:
     env = {
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
         "WANDB_MODE": "offline",
@@ -255,41 +269,48 @@ def test_wandb_offline_one_run_per_trial_grouped_by_sweep(watched: dict[str, Any
         assert len(history) == len((trial / "result.json").read_text().splitlines())  # one row per epoch
 
 
-def test_mlflow_and_wandb_after_extend(tmp_path: Path) -> None:
-    """A tiny 2-trial sweep, then --extend to 3: MLflow's first sweep run keeps its numbers and is linked to a new
-    sweep run (`lorahpo.extends` / `lorahpo.extended_by`) that holds trial 3 and the new summary; W&B gets a second
-    `summary` run, for 3 trials."""
+def test_mlflow_and_wandb_after_extend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep level of --extend, through the callback and `log_summary` as the driver runs them (in-process, on a
+    SQLite store and offline W&B): the finished sweep's MLflow run, restored into the extension's callback (Tune's
+    callback state, as on --resume), keeps its numbers and is linked to a new sweep run (`lorahpo.extends` /
+    `lorahpo.extended_by`) that takes the new summary; W&B gets a second `summary` run, for 3 trials."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "ext"}
-    args = tiny_args(tmp_path / "store", **{"sweep.name": "grown", "sweep.loggers": "[mlflow,wandb]"})
-    exp = tmp_path / "store" / "grown"
-    sizes = []
-    for mode, n in ((), 2), (("--extend",), 3):
-        run = cli([*mode, *args, f"sweep.num_samples={n}"], env=env)
-        assert run.returncode == 0, run.stderr[-3000:]
-        sizes.append(json.loads((exp / "summary.json").read_text()))
+    for k, v in {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(k, v)
+    cfg = tiny_config(
+        **{"sweep.name": "grown", "sweep.storage_path": str(tmp_path), "sweep.loggers": ["mlflow", "wandb"]}
+    )
+    sizes = [
+        {"best_trial": f"trial_00{n}_x", "best_params": {"train.lr": n * 1e-3}, "best_value": n / 10,
+         "test": {"test_fbeta": n / 20}, "num_trials": n}
+        for n in (2, 3)
+    ]  # fmt: skip
+    first = MLflowSweep(cfg)
+    first.setup()
+    log_summary(cfg, sizes[0])
+    extension = MLflowSweep(cfg)
+    extension.set_state(first.get_state())  # what Tune restores into the extension's callback
+    extension.setup()
+    log_summary(cfg, sizes[1])
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("grown").experiment_id])
-    first, second = sorted(
-        (r for r in runs if r.data.tags.get("lorahpo.role") == "sweep"), key=lambda r: r.info.start_time
+    old, new = sorted(runs, key=lambda r: r.info.start_time)
+    assert (old.info.run_id, new.info.run_id) == (first.parent, extension.parent)
+    assert (
+        old.data.tags["lorahpo.extended_by"] == new.info.run_id and new.data.tags["lorahpo.extends"] == old.info.run_id
     )
-    assert first.data.tags["lorahpo.extended_by"] == second.info.run_id
-    assert second.data.tags["lorahpo.extends"] == first.info.run_id
-    for parent, summary in (first, sizes[0]), (second, sizes[1]):
-        assert parent.info.status == "FINISHED" and parent.data.params["best_trial"] == summary["best_trial"]
-        assert parent.data.metrics["test_fbeta"] == pytest.approx(summary["test"]["test_fbeta"])
-    nested = [r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("lorahpo.role") != "sweep"]
-    assert sorted(nested) == sorted([first.info.run_id] * 2 + [second.info.run_id])
+    for run, summary in (old, sizes[0]), (new, sizes[1]):
+        assert run.info.status == "FINISHED" and run.data.params["best_trial"] == summary["best_trial"]
+        assert run.data.metrics["test_fbeta"] == summary["test"]["test_fbeta"]
 
     summaries = []
     for f in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")):
         run = next(r.run for r in wandb_records(f) if r.HasField("run"))
-        if run.job_type == "summary":
-            summaries.append({item.key: json.loads(item.value_json) for item in run.config.update})
-    assert sorted(c["num_trials"]["value"] for c in summaries) == [2, 3]
+        summaries.append({item.key: json.loads(item.value_json) for item in run.config.update})
+    assert sorted(c["num_trials"] for c in summaries) == [2, 3]
 
 
 def test_no_secret_in_any_file_or_the_console(watched: dict[str, Any]) -> None:
