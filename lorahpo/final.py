@@ -124,7 +124,7 @@ def make_plan(
     return json.loads(json.dumps(plan))  # as stored: lists, not tuples (plan.json is compared on restore)
 
 
-def describe(cfg: ExperimentConfig) -> str:
+def describe(cfg: ExperimentConfig, extended: bool = False) -> str:
     """The final evaluation in one line, for --dry-run (the best config is known only after the sweep)."""
     if cfg.final.seeds == 0:
         return "off (final.seeds=0)"
@@ -133,7 +133,7 @@ def describe(cfg: ExperimentConfig) -> str:
     return (
         f"the best config{baseline} re-trained with seeds {seeds}, up to {cfg.train.max_epochs} epochs each with "
         f"early stopping (no ASHA), each run's best-val checkpoint scored once on the test split; into "
-        f"{display(cfg, experiment=True)}/{experiment_name(cfg)}"
+        f"{display(cfg, experiment=True)}/{experiment_name(cfg, extended)}"
     )
 
 

@@ -96,7 +96,7 @@ def prepare(
         exp, fs = experiment_dir(cfg)
         flag = "--extend" if extend else "--resume"
         check_same_data(read_bytes(fs, f"{exp}/manifest.json"), data.info, display(cfg, experiment=True), flag)
-    plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg), "data": data.info}
+    plan = {"config": to_dict(cfg), **describe(cfg), "final": describe_final(cfg, extend), "data": data.info}
     prefix = plan_prefix(cfg, load_model_config(cfg.model), data)
     plan["prefix_cache"] = (
         f"inputs of layers {list(prefix.wanted)} of {prefix.layers}: {prefix.nbytes() / 1e9:.3f} GB; placed when the "

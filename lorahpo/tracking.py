@@ -253,22 +253,36 @@ class MLflowSweep(LoggerCallback):
         client = mlflow_client()
         known = client.get_experiment_by_name(self.name)
         self.experiment = known.experiment_id if known else client.create_experiment(self.name)
-        tags = {"lorahpo.experiment": self.where, "lorahpo.role": "sweep"}
-        if self.parent is not None and client.get_run(self.parent).info.status == "FINISHED":
-            # --extend: the finished sweep's run keeps the numbers it was finished with; a new run, linked both ways,
-            # takes the new trials and the new summary
-            tags["lorahpo.extends"] = self.parent
-            new = client.create_run(self.experiment, run_name=Path(self.where).name, tags=tags).info.run_id
-            client.set_tag(self.parent, "lorahpo.extended_by", new)
+        if self.parent is None:
+            self.parent = self._sweep_run(client, {})
+
+    def _sweep_run(self, client: Any, tags: dict[str, str]) -> str:
+        tags = {"lorahpo.experiment": self.where, "lorahpo.role": "sweep", **tags}
+        return client.create_run(self.experiment, run_name=Path(self.where).name, tags=tags).info.run_id
+
+    def _follow_finished(self, client: Any) -> None:
+        """A new trial under a finished sweep run: the sweep was given more trials (--extend). The finished run keeps
+        the numbers it was finished with; a new run, linked both ways, takes the new trials and the new summary. (A
+        --resume of a finished sweep starts no trial, so it opens none.) A sweep run deleted in MLflow is not linked."""
+        import mlflow  # optional dependency (lorahpo[mlflow]): checked by check_loggers
+
+        try:
+            run = client.get_run(self.parent)
+            finished, linkable = run.info.status == "FINISHED", run.info.lifecycle_stage == "active"
+        except mlflow.exceptions.MlflowException:  # deleted for good
+            finished, linkable = True, False
+        if finished:
+            new = self._sweep_run(client, {"lorahpo.extends": self.parent} if linkable else {})
+            if linkable:
+                client.set_tag(self.parent, "lorahpo.extended_by", new)
             self.parent = new
-        elif self.parent is None:
-            self.parent = client.create_run(self.experiment, run_name=Path(self.where).name, tags=tags).info.run_id
 
     def log_trial_start(self, trial: Any) -> None:
         from mlflow.entities import Param  # optional dependency (lorahpo[mlflow]): checked by check_loggers
 
         client, key = mlflow_client(), trial_name(trial)
         if key not in self.runs:  # a resumed trial continues its run
+            self._follow_finished(client)
             tags = {"mlflow.parentRunId": self.parent, "lorahpo.experiment": self.where, "trial_name": str(trial)}
             self.runs[key] = client.create_run(self.experiment, run_name=str(trial), tags=tags).info.run_id
         client.log_batch(self.runs[key], params=[Param(k, str(v)) for k, v in flatten_dict(trial.config).items()])

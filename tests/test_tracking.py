@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -271,40 +272,60 @@ def test_wandb_offline_one_run_per_trial_grouped_by_sweep(watched: dict[str, Any
 
 def test_mlflow_and_wandb_after_extend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep level of --extend, through the callback and `log_summary` as the driver runs them (in-process, on a
-    SQLite store and offline W&B): the finished sweep's MLflow run, restored into the extension's callback (Tune's
-    callback state, as on --resume), keeps its numbers and is linked to a new sweep run (`lorahpo.extends` /
-    `lorahpo.extended_by`) that takes the new summary; W&B gets a second `summary` run, for 3 trials."""
+    SQLite store and offline W&B). The finished sweep's MLflow run, restored into the next driver's callback (Tune's
+    callback state, as on --resume): a --resume of the finished sweep (no new trial) opens no run; --extend's first new
+    trial opens a new sweep run linked both ways (`lorahpo.extends` / `lorahpo.extended_by`) that takes the new summary,
+    and the finished one keeps its numbers; a sweep run deleted in MLflow gets a new unlinked run. W&B gets a second
+    `summary` run, for 3 trials."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     for k, v in {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(k, v)
-    cfg = tiny_config(
-        **{"sweep.name": "grown", "sweep.storage_path": str(tmp_path), "sweep.loggers": ["mlflow", "wandb"]}
-    )
+    where = {"sweep.name": "grown", "sweep.storage_path": str(tmp_path)}
+    cfg = tiny_config(**where, **{"sweep.loggers": ["mlflow", "wandb"]})
     sizes = [
         {"best_trial": f"trial_00{n}_x", "best_params": {"train.lr": n * 1e-3}, "best_value": n / 10,
          "test": {"test_fbeta": n / 20}, "num_trials": n}
         for n in (2, 3)
     ]  # fmt: skip
+
+    def trial(n: int) -> SimpleNamespace:
+        return SimpleNamespace(path=f"{tmp_path}/grown/trial_00{n}_x", config={"train.lr": n * 1e-3})
+
+    def restored(state: dict) -> MLflowSweep:  # the next driver's callback, as Tune restores it
+        callback = MLflowSweep(cfg)
+        callback.set_state(state)
+        callback.setup()
+        return callback
+
     first = MLflowSweep(cfg)
     first.setup()
+    for n in (1, 2):
+        first.log_trial_start(trial(n))
     log_summary(cfg, sizes[0])
-    extension = MLflowSweep(cfg)
-    extension.set_state(first.get_state())  # what Tune restores into the extension's callback
-    extension.setup()
+    resumed = restored(first.get_state())  # --resume of the finished sweep: no trial starts
+    assert resumed.parent == first.parent
+    extension = restored(first.get_state())
+    extension.log_trial_start(trial(3))  # --extend: the first new trial
     log_summary(cfg, sizes[1])
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("grown").experiment_id])
-    old, new = sorted(runs, key=lambda r: r.info.start_time)
+    old, new = sorted((r for r in runs if r.data.tags.get("lorahpo.role") == "sweep"), key=lambda r: r.info.start_time)
     assert (old.info.run_id, new.info.run_id) == (first.parent, extension.parent)
-    assert (
-        old.data.tags["lorahpo.extended_by"] == new.info.run_id and new.data.tags["lorahpo.extends"] == old.info.run_id
-    )
+    assert old.data.tags["lorahpo.extended_by"] == new.info.run_id
+    assert new.data.tags["lorahpo.extends"] == old.info.run_id
     for run, summary in (old, sizes[0]), (new, sizes[1]):
         assert run.info.status == "FINISHED" and run.data.params["best_trial"] == summary["best_trial"]
         assert run.data.metrics["test_fbeta"] == summary["test"]["test_fbeta"]
+    nested = [r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("lorahpo.role") != "sweep"]
+    assert sorted(nested) == sorted([old.info.run_id] * 2 + [new.info.run_id])
+
+    client.delete_run(new.info.run_id)  # deleted in MLflow's UI, then extended again
+    again = restored(extension.get_state())
+    again.log_trial_start(trial(4))
+    assert again.parent != new.info.run_id and "lorahpo.extends" not in client.get_run(again.parent).data.tags
 
     summaries = []
     for f in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")):
