@@ -50,7 +50,6 @@ from lorahpo import sweep
 from lorahpo.config import METRICS, ExperimentConfig, apply_overrides, load_config, parse_overrides
 from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader
 from lorahpo.errors import Interrupted, SweepFailed, UserError
-from lorahpo.prefix import open_prefix
 from lorahpo.results import history, load_experiment, ordered
 from lorahpo.sources import load_tokenizer
 from lorahpo.storage import experiment_dir, location, read_bytes, trial_name
@@ -170,7 +169,6 @@ def tabulation_trial(
     report, plus the epoch's test scores in the report. `train_seed`: train with this seed instead of the root seed
     (the data, split and prefix cache stay the root seed's)."""
     cfg = apply_overrides(base, {**params, **({"seed": train_seed} if train_seed is not None else {})})
-    cache = open_prefix(prefix, base, data) if prefix is not None else None
     scorer = TestEveryEpoch(data, cfg)
 
     def report(row: dict[str, Any], ckpt_dir: Path) -> None:
@@ -181,7 +179,7 @@ def tabulation_trial(
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     ckpt = tune.get_checkpoint()
     kwargs = {"num_threads": trial_threads(base), "gpu": use_gpu(base), "tags": tags, "callbacks": [scorer],
-              "prefix": cache}  # fmt: skip
+              "prefix": prefix}  # fmt: skip
     with library_logs(Path(TRIAL_LOG).resolve()):
         try:
             if ckpt is None:

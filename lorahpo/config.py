@@ -209,8 +209,8 @@ class SweepConfig:
     every trial from their cached hidden states: each trial then pays only for the layers it trains. Equal to the full
     model up to float noise; exported models and the test score always use the full model."""
     prefix_cache_max_gb: float | None = None
-    """Most the prefix cache may take on a node (memory, else local disk). null: half the node's Ray object store,
-    else the local disk's free space. The size is known before anything is built; too large is an error."""
+    """Most the prefix cache may take in a node's Ray object store. null: half the smallest trial node's store. The size
+    is known before anything is built; too large even for the lowest cut is an error."""
 
     def __post_init__(self) -> None:
         at_least("sweep.num_samples", self.num_samples, 1)

@@ -6,8 +6,6 @@ becomes one line."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -22,7 +20,6 @@ from typing import Any
 import torch
 import transformers
 from filelock import FileLock
-from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     GatedRepoError,
     LocalEntryNotFoundError,
@@ -148,43 +145,6 @@ def on_hub(cfg: ModelConfig) -> bool:
     """Is the base a Hugging Face hub id (something any machine can download), rather than a built-in or a local
     directory (which exist only here)?"""
     return cfg.name not in (SMOLLM2, TINY) and not Path(cfg.name).expanduser().is_dir()
-
-
-def weights_id(cfg: ModelConfig) -> str:
-    """The base's weights by content, for what is computed from them (the prefix cache's key): a built-in's pinned
-    source, a hub model's resolved commit (`model.revision: null` follows main, so main moving changes it), a local
-    directory's sha256 over its files (`_dir_sha256`)."""
-    if cfg.name == TINY:
-        return TINY  # a fixed draw of this code (model.build_base)
-    if cfg.name == SMOLLM2:
-        return f"{SMOLLM2_WHEEL[0]} sha256:{SMOLLM2_WHEEL[1]}"  # converted from this pinned wheel
-    if on_hub(cfg):  # the same resolution from_pretrained makes (online: asks the hub; offline: the cached ref)
-        config = from_pretrained(
-            cfg, lambda name, revision, **_: hf_hub_download(name, "config.json", revision=revision)
-        )
-        return f"commit {Path(config).parent.name}"  # the snapshot folder is named by the commit
-    return f"sha256 {_dir_sha256(Path(resolve_source(cfg)))}"
-
-
-def _dir_sha256(path: Path) -> str:
-    """sha256 over the names and contents of a directory's files (what from_pretrained reads: not subfolders, not
-    dotfiles). Hashing GBs at every start costs seconds, so the hash is kept under cache_dir() by each file's (device,
-    inode, size, mtime, ctime): a copy can keep the mtime (`cp -p`, `rsync -a`), but every write, rename or copy gives
-    a new ctime, which only the kernel sets."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    keys = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
-    stats = [[p.name, *(getattr(p.stat(), f"st_{k}") for k in keys)] for p in files]
-    memo = cache_dir() / "weights" / hashlib.sha256(json.dumps([str(path), stats]).encode()).hexdigest()
-    if not memo.is_file():
-        h = hashlib.sha256()
-        for p in files:
-            with open(p, "rb") as f:
-                h.update(p.name.encode() + hashlib.file_digest(f, "sha256").digest())
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        staged = memo.with_suffix(f".tmp{os.getpid()}")
-        staged.write_text(h.hexdigest())
-        os.replace(staged, memo)  # whole or absent: another process may read it at any time
-    return memo.read_text()
 
 
 def _hub_error(cfg: ModelConfig, err: BaseException | None) -> UserError | None:

@@ -50,7 +50,7 @@ from lorahpo.final import describe as describe_final
 from lorahpo.final import final_block, fit_runs, make_plan, score_runs, trial_seeds
 from lorahpo.owner import claim, hold, wipe
 from lorahpo.plots import write_final_plot, write_plots
-from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prefix_root, prepare_prefix
+from lorahpo.prefix import ORDER, noise_rtol, plan_prefix, prepare_prefix
 from lorahpo.reading import read_parquet
 from lorahpo.repro import cpu_has_bf16, cuda_bf16, git_state, hardware, manifest, trial_task_options, versions
 from lorahpo.results import best_checkpoint, best_row, row_config, write_tables
@@ -300,8 +300,7 @@ def cache_check(cached: dict[str, Any], full: dict[str, float], info: dict[str, 
             f"prefix cache check: the best checkpoint's val loss is {full['loss']:.6f} through the full model but "
             f"{cached['val_loss']:.6f} from the cached states (cut {out['best_trial_cut']}), beyond float noise "
             f"({info['dtype']}, {info['layers']} layers: tolerance {tol:.2g}): its trials trained on wrong states. The "
-            f"results are written; delete {prefix_root()} on each node if the cache was on disk, and run again with "
-            "--overwrite (or sweep.prefix_cache=false)"
+            "results are written; run again with --overwrite (or sweep.prefix_cache=false)"
         )
     return out
 

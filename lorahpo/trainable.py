@@ -40,7 +40,7 @@ from lorahpo.data import TaskData, load_task, make_loader, split_rows
 from lorahpo.errors import UserError
 from lorahpo.model import build_classifier, trainable_parameters
 from lorahpo.module import LoraClassifier, class_weights, evaluate, make_trainer, score_split
-from lorahpo.prefix import PrefixCache, cut_for, open_prefix, split_states
+from lorahpo.prefix import PrefixCache, cut_for, split_states
 from lorahpo.repro import manifest, seed_everything_everywhere, trial_threads, use_gpu
 from lorahpo.sources import load_model_config, load_tokenizer, on_hub
 from lorahpo.storage import upload_dir
@@ -274,7 +274,7 @@ def tune_trial(
     params: dict[str, Any], base: ExperimentConfig, data: TaskData, prefix: PrefixCache | None = None
 ) -> None:
     """Function trainable: a trial is the base config plus the searcher's dotted overrides. `prefix`: the sweep's
-    frozen-prefix cache (from the object store, or the plan of this node's disk cache)."""
+    frozen-prefix cache (from the object store)."""
     cfg = apply_overrides(base, params)
     with library_logs(Path(TRIAL_LOG).resolve()):  # Tune runs a trial in its own directory (synced to storage)
         _tune_trial(cfg, base, data, prefix)
@@ -289,12 +289,11 @@ def _tune_trial(cfg: ExperimentConfig, base: ExperimentConfig, data: TaskData, p
     # Where each epoch ran: audit trail for retries and multi-node placement.
     tags = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     ckpt = tune.get_checkpoint()
-    cache = open_prefix(prefix, base, data) if prefix is not None else None
     # a checkpoint: a retry after a failure, or a restored sweep, continues from the last epoch reported
     try:
         with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
             resume_from = Path(d) / CKPT_NAME if d is not None else None
-            fit(cfg, data, report, resume_from, trial_threads(base), gpu, tags, prefix=cache)
+            fit(cfg, data, report, resume_from, trial_threads(base), gpu, tags, prefix=prefix)
     finally:
         free_memory()
 

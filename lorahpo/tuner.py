@@ -72,8 +72,8 @@ def trial_with_env(
 
 
 def trainable(cfg: ExperimentConfig, data: TaskData, prefix: Any = None, trial: Callable = trial_with_env) -> Any:
-    """The function trainable with the tokenized data (and the prefix cache: an object-store reference, or the plan of
-    the nodes' disk caches) put in the object store ONCE, and the trial's resources. `trial`: the sweep's trial, or
+    """The function trainable with the tokenized data (and the prefix cache's object-store reference) put in the
+    object store ONCE, and the trial's resources. `trial`: the sweep's trial, or
     one with its signature (lorahpo.final's runs)."""
     fn = tune.with_parameters(trial, base=cfg, data=data, env=forwarded_env(), prefix=prefix)
     return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial, "gpu": cfg.sweep.gpus_per_trial})

@@ -1,36 +1,27 @@
 """The frozen-prefix cache (lorahpo.prefix): the cached path gives the full model's logits within float noise (float32,
-bfloat16, and float32 rounded otherwise), trains to the same metrics, resumes exactly, builds the same bits every time
-(memory or disk) under a key that follows the weights, is placed or refused before anything runs, and a wrong cache
-fails the sweep."""
+bfloat16, and float32 rounded otherwise), trains to the same metrics, resumes exactly, builds the same bits every
+time, is placed or refused before anything runs, and a wrong cache fails the sweep."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
-from transformers import AutoModelForSequenceClassification
 
 import lorahpo.prefix
 from lorahpo.config import ExperimentConfig, apply_overrides
-from lorahpo.data import LengthGroupedBatches, TaskData, load_task, make_loader, pad_states
+from lorahpo.data import LengthGroupedBatches, TaskData, make_loader, pad_states
 from lorahpo.errors import UserError
 from lorahpo.model import build_base, frozen_states
 from lorahpo.prefix import (
     PrefixCache,
     PrefixPlan,
     build_in_memory,
-    cache_key,
     cut_for,
-    ensure_on_disk,
     last_n_values,
     noise_rtol,
     place,
@@ -38,11 +29,11 @@ from lorahpo.prefix import (
     split_states,
 )
 from lorahpo.repro import seed_everything_everywhere
-from lorahpo.sources import DTYPES, load_model_config, load_tokenizer, weights_id
+from lorahpo.sources import DTYPES, load_model_config
 from lorahpo.sweep import cache_check
 from lorahpo.trainable import CKPT_NAME, build_module, fit
 
-from .conftest import ROOT, Crash, cli, crash_after, tiny_args, tiny_config
+from .conftest import Crash, cli, crash_after, hooked, tiny_args, tiny_config
 
 LAYERS = 4  # tests/conftest.py's tiny model keeps 4 layers
 TIMING = {"epoch_time_s"}
@@ -196,63 +187,39 @@ def test_resume_with_cache_is_bit_identical(tmp_path: Path, tiny_data: TaskData,
     assert resumed == uninterrupted[2:]  # exact float equality, every metric
 
 
-def test_disk_cache_is_built_once_and_holds_the_memory_bits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cfg: ExperimentConfig, tiny_data: TaskData
-) -> None:
-    monkeypatch.setenv("LORAHPO_CACHE", str(tmp_path))
-    plan = dataclasses.replace(_plan(tiny_cfg, tiny_data, (1, 3)), where="disk")
-    built = ensure_on_disk(tiny_cfg, tiny_data, plan)
-    assert built.build_s > 0 and Path(built.directory).parent == tmp_path / "prefix"
-    reused = ensure_on_disk(tiny_cfg, tiny_data, plan)
-    assert reused.build_s == 0 and reused.directory == built.directory  # found, not rebuilt
-    memory = build_in_memory(tiny_cfg, tiny_data, plan)
-    assert reused.arrays.keys() == memory.arrays.keys()
-    for key, values in memory.arrays.items():  # a deterministic build: the same bits, wherever it is stored
-        assert isinstance(reused.arrays[key], np.memmap) and np.array_equal(reused.arrays[key], values), key
-    on_disk = sum(f.stat().st_size for f in Path(built.directory).glob("*.npy"))
-    assert plan.nbytes() <= on_disk < plan.nbytes() + 10_000
-
-
-def test_place_prefers_every_cut_on_disk_to_fewer_in_memory() -> None:
-    """configs/llama32_3b*.yaml at the baseline: 24 cuts of 28 layers, 121,000 tokens x 3072 in bf16 (17.8 GB), with
-    4.5 GB of object store and 400 GB of disk: every cut on disk, not layer 1 alone in memory (from which a trial at
-    cut 14 would recompute 13 frozen layers in every epoch); the plan says what it chose and why."""
+def test_place_keeps_every_cut_where_the_store_holds_them() -> None:
+    """configs/llama32_3b*.yaml at the baseline: 24 cuts of 28 layers, 121,000 tokens x 3072 in bf16 (17.8 GB): every
+    cut in a 20 GB share of the object store; in a 4.5 GB share, the lowest cut alone (from which a trial at cut 14
+    recomputes 13 frozen layers in every epoch); the plan says what it chose and why."""
     cuts = tuple(range(1, 25))
     plan = PrefixPlan(28, cuts, cuts, {"train": 100_000, "val": 21_000}, 3072, "bfloat16")
-    placed = place(plan, 4.5e9, 400e9, None, Path("/scratch"))
-    assert (placed.cuts, placed.where) == (cuts, "disk")
+    assert place(plan, 20e9, None).cuts == cuts
+    placed = place(plan, 4.5e9, None)
+    assert placed.cuts == (1,)
     assert placed.why == (
-        "every wanted cut on local disk (17.8 GB of 17.8): the first that fits of every wanted cut in Ray's object "
-        "store, every wanted cut on local disk, the lowest cut in the store, on disk (4.5 GB usable in Ray's object "
-        "store, 400 GB free at /scratch; sweep.prefix_cache_max_gb=None)"
+        "the lowest cut (0.743 GB of 17.8): the first that fits of every wanted cut, else the lowest cut alone, in "
+        "Ray's object store (4.5 GB usable in Ray's object store; sweep.prefix_cache_max_gb=None)"
     )
 
 
-def test_place_prefers_more_cuts_then_memory() -> None:
+def test_place_prefers_every_cut_then_the_lowest_within_the_cap() -> None:
     plan = PrefixPlan(4, (1, 2, 3), (1, 2, 3), {"train": 700, "val": 150, "test": 150}, 100, "bfloat16")
     one = plan.nbytes((1,))
     assert one == 1000 * 100 * 2
-    d = Path("/scratch")
-
-    def placed(memory: float, disk: float, cap: float | None = None) -> tuple:
-        p = place(plan, memory, disk, cap, d)
-        return p.cuts, p.where
-
-    assert placed(3 * one, 0) == placed(3 * one, 9 * one) == ((1, 2, 3), "memory")  # equal cuts: memory first
-    assert placed(2 * one, 9 * one) == placed(0, 3 * one) == ((1, 2, 3), "disk")  # every cut before fewer
-    assert placed(2 * one, 2 * one) == ((1,), "memory")
-    assert placed(0, 2 * one) == ((1,), "disk")
-    assert placed(3 * one, 3 * one, 1.5 * one / 1e9) == ((1,), "memory")  # the cap bounds both
-    assert place(plan, 2 * one, 2 * one, None, d).why.startswith("the lowest cut in Ray's object store (0.0002 GB of")
+    assert place(plan, 3 * one, None).cuts == (1, 2, 3)
+    assert place(plan, 3 * one - 1, None).cuts == place(plan, one, None).cuts == (1,)
+    assert place(plan, 3 * one, 1.5 * one / 1e9).cuts == (1,)  # the cap bounds it
+    assert place(plan, 2 * one, None).why.startswith("the lowest cut (0.0002 GB of")
     with pytest.raises(UserError) as err:
-        place(plan, one - 1, one - 1, None, d)
+        place(plan, one - 1, None)
     assert str(err.value) == (
         "the prefix cache needs 0.0002 GB (1,000 tokens x 100 x bfloat16, the inputs of layer 1), more than a node "
-        "has (0.0002 GB usable in Ray's object store, 0.0002 GB free at /scratch); free disk, set "
-        "sweep.prefix_cache=false, or lower data.max_examples or data.max_length"
+        "has (0.0002 GB usable in Ray's object store; sweep.prefix_cache_max_gb=None); give Ray a larger object store "
+        "(ray start --object-store-memory), set sweep.prefix_cache=false, or lower data.max_examples or "
+        "data.max_length"
     )
     with pytest.raises(UserError, match=r"more than sweep.prefix_cache_max_gb=1e-06; raise it, set"):
-        place(plan, 9 * one, 9 * one, 1e-6, d)
+        place(plan, 9 * one, 1e-6)
 
 
 @pytest.mark.slow
@@ -283,73 +250,6 @@ def test_a_base_with_attention_dropout_is_refused(tiny_cfg: ExperimentConfig, ti
     assert plan_prefix(apply_overrides(tiny_cfg, {"sweep.prefix_cache": False}), model_config, tiny_data) is None
 
 
-def test_disk_cache_is_keyed_by_the_weights_not_the_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cfg: ExperimentConfig, tiny_data: TaskData
-) -> None:
-    """A local model directory updated in place, with the same file names and sizes and the mtime kept (as `cp -p` and
-    `rsync -a` keep it), gets a new disk cache built from the new weights; keyed by the name, the old cache (states of
-    the old layers) was reused."""
-    monkeypatch.setenv("LORAHPO_CACHE", str(tmp_path / "cache"))
-    local = tmp_path / "model"
-    build_base(tiny_cfg.model, tiny_data.num_labels, tiny_data.tokenizer.pad_token_id).save_pretrained(local)
-    cfg = apply_overrides(tiny_cfg, {"model.name": str(local)})
-    plan = dataclasses.replace(_plan(cfg, tiny_data, (1, 3)), where="disk")
-    old = ensure_on_disk(cfg, tiny_data, plan)
-    weights, before = local / "model.safetensors", (local / "model.safetensors").stat()
-    model = AutoModelForSequenceClassification.from_pretrained(local)
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.mul_(2)
-    model.save_pretrained(local)
-    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    new = ensure_on_disk(cfg, tiny_data, plan)
-    assert new.directory != old.directory and new.build_s > 0
-    for key, values in build_in_memory(cfg, tiny_data, plan).arrays.items():
-        assert np.array_equal(new.arrays[key], values), key  # the new weights' states
-        assert not np.array_equal(old.arrays[key], values), key  # what the old key reused
-    assert ensure_on_disk(cfg, tiny_data, plan).build_s == 0  # unchanged weights: found again (the hash memoised)
-
-
-def test_hub_model_is_keyed_by_its_resolved_commit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cfg: ExperimentConfig, tiny_data: TaskData
-) -> None:
-    """`model.revision: null` follows main: when main moves to another commit, the key moves with it. Offline, on a
-    Hugging Face cache laid out as the hub client lays it out (the hub cannot be reached here)."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    repo = tmp_path / "models--org--model"
-    cfg = apply_overrides(tiny_cfg, {"model.name": "org/model"})
-    plan = _plan(tiny_cfg, tiny_data, (1,))
-    keys = []
-    for commit in ("a" * 40, "b" * 40):  # main, then main after a push
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "config.json").write_text("{}")
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text(commit)
-        assert weights_id(cfg.model) == f"commit {commit}"
-        keys.append(cache_key(cfg, tiny_data, plan))
-    assert keys[0] != keys[1]
-
-
-def test_dead_builds_staging_folders_are_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cfg: ExperimentConfig, tiny_data: TaskData
-) -> None:
-    """A build killed mid-way leaves `<key>.tmp<pid>` (GBs for a real model). The next use of the node's disk cache
-    removes every such folder whose key's lock is free (no live builder), whatever its key and pid, and leaves a live
-    build's folder alone."""
-    monkeypatch.setenv("LORAHPO_CACHE", str(tmp_path))
-    plan = dataclasses.replace(_plan(tiny_cfg, tiny_data, (1,)), where="disk")
-    root = tmp_path / "prefix"
-    key = cache_key(tiny_cfg, tiny_data, plan)
-    live = root / "0123abcd.tmp77"
-    for staging in (root / f"{key}.tmp999999", root / "4567cdef.tmp4242", live):
-        staging.mkdir(parents=True)
-        (staging / "1_train.npy").write_bytes(bytes(1000))
-    with FileLock(str(root / "0123abcd.lock")):  # a build in progress
-        ensure_on_disk(tiny_cfg, tiny_data, plan)
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([key, live.name])
-
-
 def test_cache_check_fails_beyond_float_noise_of_the_dtype_and_depth() -> None:
     """The summary's check: the best checkpoint's val loss through the full model against its trial's cached report,
     within noise_rtol (times the loss when above 1); beyond it an error naming both values and the tolerance. A flipped
@@ -370,44 +270,21 @@ def test_cache_check_fails_beyond_float_noise_of_the_dtype_and_depth() -> None:
     assert failed["error"] == (
         "prefix cache check: the best checkpoint's val loss is 0.500000 through the full model but 0.500135 from the "
         "cached states (cut 2), beyond float noise (float32, 4 layers: tolerance 0.00012): its trials trained on wrong "
-        f"states. The results are written; delete {lorahpo.prefix.prefix_root()} on each node if the cache was on "
-        "disk, and run again with --overwrite (or sweep.prefix_cache=false)"
+        "states. The results are written; run again with --overwrite (or sweep.prefix_cache=false)"
     )
-
-
-# The CLI with no room in Ray's object store, so that the cache goes to each node's disk: a test-only setting of
-# lorahpo.prefix.MEMORY_SHARE in this driver process (the trials' processes read the disk cache as in any sweep).
-DISK_ONLY_CLI = (
-    "import runpy, sys, lorahpo.prefix; lorahpo.prefix.MEMORY_SHARE = 0.0; sys.argv[0] = 'tune_lora.py'; "
-    "runpy.run_path('tune_lora.py', run_name='__main__')"
-)
 
 
 @pytest.mark.slow
-def test_a_wrong_disk_cache_fails_the_sweep_after_its_results_are_written(tmp_path: Path) -> None:
-    """A disk cache whose states are wrong (every token's states moved to the next token: the size and the key of the
-    right ones) is found by the sweep, the trial trains on it, and the summary's check ends the sweep with exit 1 and
-    one line naming both losses and the tolerance, after the results are written."""
+def test_a_wrong_cache_fails_the_sweep_after_its_results_are_written(tmp_path: Path) -> None:
+    """A cache whose states are wrong (every token's states moved to the next token: the size and the layout of the
+    right ones; tests/worker_hooks' LORAHPO_TEST_WRONG_PREFIX) is what the trial trains on, and the summary's check
+    ends the sweep with exit 1 and one line naming both losses and the tolerance, after the results are written."""
     overrides = {"sweep.num_samples": 1, "train.max_epochs": 1, "data.max_examples": 200, "sweep.name": "wrong"}
-    cfg = tiny_config(**overrides)
-    data = load_task(cfg.data, load_tokenizer(cfg.model), cfg.seed)
-    env = {**os.environ, "LORAHPO_CACHE": str(tmp_path / "cache")}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAHPO_CACHE", env["LORAHPO_CACHE"])
-        plan = dataclasses.replace(plan_prefix(cfg, load_model_config(cfg.model), data), where="disk")
-        cache = ensure_on_disk(cfg, data, plan)  # what the sweep will find on this node
-    for f in Path(cache.directory).glob("*.npy"):
-        values = np.load(f, mmap_mode="r+")
-        values[:] = np.roll(values, 1, axis=0)
-        values.flush()
-    args = tiny_args(tmp_path / "store", **overrides)
-    run = subprocess.run(
-        [sys.executable, "-c", DISK_ONLY_CLI, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
+    run = cli(tiny_args(tmp_path / "store", **overrides), env=hooked(LORAHPO_TEST_WRONG_PREFIX="1"))
     assert run.returncode == 1, run.stderr[-3000:]
     exp = tmp_path / "store" / "wrong"
     check = json.loads((exp / "summary.json").read_text())["prefix_cache"]
-    assert check["where"] == "disk" and check["best_trial_cut"] == 2 and not check["passed"]
+    assert check["best_trial_cut"] == 2 and not check["passed"]
     assert run.stderr.strip().splitlines()[-1] == f"failed: {check['error']}"
     full, cached = check["val_full_model"]["loss"], check["val_cached"]["loss"]
     assert (

@@ -9,6 +9,8 @@ variable is set:
   creates when the trial may go on; it logs its pid. This reorders when trials report and opens a window in which to
   kill a trial's worker; a deterministic sweep must give the same trials all the same (tests/test_sweep.py).
 - LORAHPO_TEST_CPU_BF16=0|1: whether this CPU counts as having native bf16 (tests force the emulated path).
+- LORAHPO_TEST_WRONG_PREFIX=1: the prefix cache's build moves every token's states to the next token (the size and
+  the layout of the right ones): a cache with wrong states, which the sweep's check must catch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 DELAYS = "LORAHPO_TEST_TRIAL_DELAYS"
 CPU_BF16 = "LORAHPO_TEST_CPU_BF16"
+WRONG_PREFIX = "LORAHPO_TEST_WRONG_PREFIX"
 log = logging.getLogger("tests.worker_hooks")
 
 
@@ -57,6 +60,21 @@ def delay_trials(module: ModuleType) -> None:
 def cpu_bf16(module: ModuleType) -> None:
     """lorahpo.repro.cpu_has_bf16 answers as LORAHPO_TEST_CPU_BF16 says."""
     module.cpu_has_bf16 = lambda: os.environ[CPU_BF16] == "1"
+
+
+def wrong_prefix(module: ModuleType) -> None:
+    """lorahpo.prefix.build_in_memory builds the right states, then shifts them by one token."""
+    build = module.build_in_memory
+
+    @functools.wraps(build)
+    def build_in_memory(*args: Any, **kwargs: Any) -> Any:
+        import numpy as np
+
+        cache = build(*args, **kwargs)
+        cache.arrays = {key: np.roll(values, 1, axis=0) for key, values in cache.arrays.items()}
+        return cache
+
+    module.build_in_memory = build_in_memory
 
 
 class PatchOnImport(importlib.abc.MetaPathFinder):
@@ -90,5 +108,7 @@ if os.environ.get(DELAYS):
     patches["lorahpo.trainable"] = delay_trials
 if os.environ.get(CPU_BF16) in ("0", "1"):
     patches["lorahpo.repro"] = cpu_bf16
+if os.environ.get(WRONG_PREFIX) == "1":
+    patches["lorahpo.prefix"] = wrong_prefix
 if patches:
     sys.meta_path.insert(0, PatchOnImport(patches))
