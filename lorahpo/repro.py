@@ -17,23 +17,6 @@ import torch
 
 from lorahpo.config import REPO_ROOT, ExperimentConfig, to_dict
 
-PACKAGES = (
-    "lorahpo",
-    "torch",
-    "transformers",
-    "peft",
-    "lightning",
-    "torchmetrics",
-    "ray",
-    "optuna",
-    "pandas",
-    "pyarrow",
-    "numpy",
-    "tokenizers",
-    "scikit-learn",
-    "scipy",  # the final evaluation's intervals
-)
-
 
 def seed_everything_everywhere(seed: int) -> None:
     """Seed Python, NumPy, torch (CPU and CUDA) and Lightning, and make kernels deterministic."""
@@ -81,14 +64,10 @@ def git_state() -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def versions() -> dict[str, str]:
+    """Every installed distribution's version, by name: the whole environment a run had, not a chosen few (a paper's
+    result can hinge on any of them, e.g. a BLAS wheel)."""
+    return dict(sorted((d.metadata["Name"], d.version) for d in importlib.metadata.distributions()))
 
 
 def cpuinfo() -> str | None:
