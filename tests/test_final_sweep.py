@@ -130,10 +130,10 @@ def test_final_evaluation_in_sweep_and_later_with_a_killed_driver(tmp_path: Path
     procs.append(proc)
     later = exp / "final_seeds2"
 
-    def finished() -> dict[str, str]:  # runs in the latest state snapshot whose epoch is reported: their progress
+    def finished() -> dict[str, str]:  # runs the latest state snapshot records as TERMINATED: their progress
         states = sorted(later.glob("experiment_state-*.json"))
         try:
-            known = snapshot_trials(states[-1].read_text()) if states else set()
+            known = snapshot_trials(states[-1].read_text(), status="TERMINATED") if states else set()
         except json.JSONDecodeError:  # Tune is writing it (at every step here): poll again
             return {}
         progress = {p.parent.name: p.read_text() for p in later.glob("*/progress.csv") if p.parent.name in known}
