@@ -18,6 +18,9 @@ from lorahpo.errors import UserError
 
 FIRST = 8  # trials whose configs a replay records, in the order they start: a real sweep's first trials match them
 NAMING = {"n_startup_trials": 4, "reduction_factor": 2, "grace_period": 1, "trials_per_batch": 4}
+# keys added after the names were fixed, at their defaults unless a method sets them (a method never inherits the
+# config's); its name shows those it sets (`key=value`)
+LATER = {"planning_lag": 2, "told": "final", "rung_min_trials": 1}
 # sweep fields that say where and how a sweep runs, not how it searches: never part of a method's name
 NOT_SEARCH = {"name", "num_samples", "max_concurrent_trials", "cpus_per_trial", "gpus_per_trial", "storage_path",
               "s3_endpoint", "points_to_evaluate", "max_failures", "num_to_keep", "reuse_actors", "loggers",
@@ -26,11 +29,13 @@ NOT_SEARCH = {"name", "num_samples", "max_concurrent_trials", "cpus_per_trial", 
 
 def _method(searcher: str, scheduler: str, deterministic: bool = False, **sweep: Any) -> dict[str, Any]:
     """Every setting a method name tells, given (the rest are the config's): names mean the same whatever it holds."""
-    sweep = {**NAMING, **sweep}
+    sweep = {**NAMING, **LATER, **sweep}
     return {"sweep.searcher": searcher, "sweep.scheduler": scheduler, "sweep.deterministic": deterministic,
             **{f"sweep.{k}": v for k, v in sweep.items()}}  # fmt: skip
 
 
+V2 = {"trials_per_batch": 1, "planning_lag": 1, "told": "first_rung", "rung_min_trials": 16, "n_startup_trials": 8,
+      "reduction_factor": 16}  # fmt: skip
 # (sweep overrides, slots). Names come from `method_name`, so the config's own settings name themselves ("default").
 # With --slots N every method runs on N slots instead (and methods equal there are replayed once).
 METHODS: list[tuple[dict[str, Any], int]] = [
@@ -53,6 +58,10 @@ METHODS: list[tuple[dict[str, Any], int]] = [
     (_method("tpe", "asha", deterministic=True, trials_per_batch=2, n_startup_trials=2, reduction_factor=8), 1),
     (_method("tpe", "asha", deterministic=True, trials_per_batch=1, n_startup_trials=2, reduction_factor=8), 1),
     (_method("tpe", "asha", deterministic=True, trials_per_batch=1, n_startup_trials=2, reduction_factor=8), 4),
+    # search v2 (section 8h): TPE told every trial's first rung, batch k from every batch before it, and the first 16
+    # trials judged together at rf 16 (one goes on); on 8 slots with 8 per batch
+    (_method("tpe", "asha", deterministic=True, **V2), 1),
+    (_method("tpe", "asha", deterministic=True, **{**V2, "trials_per_batch": 8}), 8),
 ]
 
 
@@ -85,7 +94,8 @@ def variants(cfg: ExperimentConfig, slots: int | None) -> dict[str, tuple[Experi
     its listed slots (slots None), or all on `slots`."""
     out = {}
     for overrides, n in METHODS:
-        m = apply_overrides(cfg, overrides)
+        cohort = overrides.get("sweep.rung_min_trials", 1)  # a method's cohort needs that many samples to be valid
+        m = apply_overrides(cfg, {**overrides, "sweep.num_samples": max(cfg.sweep.num_samples, cohort)})
         out.setdefault(method_name(m, None if slots else n), (m, slots or n))
     own = slots or cfg.sweep.max_concurrent_trials
     out.setdefault(method_name(cfg, None if slots else own), (cfg, own))
@@ -101,8 +111,9 @@ def replay_config(base: ExperimentConfig, grid: dict[str, tuple], trials: int) -
         if any(v not in grid[k] for k, v in point.items()):
             raise UserError(f"the config's point {point} is not a point of the table's grid {grid}")
         points.append(point)
-    budget = trials * base.train.max_epochs
-    cfg = apply_overrides(base, {"sweep.points_to_evaluate": points, "sweep.num_samples": budget})
+    budget = trials * base.train.max_epochs  # (and at least the cohort a rung judges together, else refused)
+    samples = max(budget, base.sweep.rung_min_trials)
+    cfg = apply_overrides(base, {"sweep.points_to_evaluate": points, "sweep.num_samples": samples})
     space = {k: ParamSpec(type="categorical", choices=v) for k, v in grid.items()}
     return dataclasses.replace(cfg, search=space)
 

@@ -173,9 +173,19 @@ class SweepConfig:
     rung before the trials it is compared with waits, paused). False: asynchronous TPE + ASHA, which decide in
     arrival order (fastest use of slots, reproducible in distribution only)."""
     trials_per_batch: int = 4
-    """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the finished trials of
-    batches up to k-2, so batch k-1 keeps slots busy while batch k-2 finishes. Results depend on it; keep it fixed
-    (e.g. the cluster's slot count), never derived from max_concurrent_trials."""
+    """Deterministic sweeps: trials the searcher plans together. Batch k is planned from the trials of batches up to
+    k - planning_lag. Results depend on it; keep it fixed (e.g. the cluster's slot count), never derived from
+    max_concurrent_trials."""
+    planning_lag: int = 2
+    """Deterministic sweeps: batch k learns from batches <= k - planning_lag. 2: batch k-1 keeps the slots busy while
+    batch k-2 finishes; 1: every batch learns from all before it (with `told: first_rung` it waits only for their
+    first rung). Results depend on it, as on trials_per_batch."""
+    told: Literal["final", "first_rung"] = "final"
+    """Deterministic sweeps: what TPE learns of each trial, its running best at its end (final) or at epoch
+    grace_period (first_rung: known for every trial, promoted or stopped, as soon as it reaches the first rung)."""
+    rung_min_trials: int = 1
+    """Deterministic ASHA: the first n trials at a rung are judged together (successive halving's synchronous rule:
+    the best 1/reduction_factor of them go on), later ones against all trials before them; 1 is plain ASHA."""
     cpus_per_trial: float = 2.0
     gpus_per_trial: float = 0.0
     """Fractions share one GPU (0.5: two trials per GPU). Ray only does the accounting: the trials must fit."""
@@ -221,6 +231,9 @@ class SweepConfig:
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise UserError(f"sweep.gpus_per_trial={self.gpus_per_trial}: above 1, use a whole number of GPUs")
         at_least("sweep.grace_period", self.grace_period, 1)
+        at_least("sweep.planning_lag", self.planning_lag, 1)
+        at_least("sweep.rung_min_trials", self.rung_min_trials, 1)
+        self.check_batches()
         at_least("sweep.reduction_factor", self.reduction_factor, 2)
         at_least("sweep.max_failures", self.max_failures, 0)
         at_least("sweep.num_to_keep", self.num_to_keep, 1)
@@ -231,6 +244,26 @@ class SweepConfig:
             raise UserError(
                 f"sweep.name={self.name!r} must be a plain name: letters, digits, '.', '_' or '-' (not '.' or '..'), "
                 "e.g. sweep.name=lora_sweep"
+            )
+
+    def check_batches(self) -> None:
+        """The deterministic planner's keys: refused where they would never run (an asynchronous sweep) or where the
+        first rung's cohort could never form."""
+        own = {"planning_lag": 2, "told": "final", "rung_min_trials": 1}
+        if not self.deterministic and any(getattr(self, k) != v for k, v in own.items()):
+            keys = ", ".join(f"sweep.{k}={v}" for k, v in own.items())
+            raise UserError(f"sweep.planning_lag, told and rung_min_trials are for deterministic sweeps; set {keys}")
+        n = self.rung_min_trials
+        if self.scheduler == "asha" and n > self.num_samples:  # FIFO stops nothing: no cohort to wait for
+            raise UserError(
+                f"sweep.rung_min_trials={n} judges the first {n} trials together, but sweep.num_samples="
+                f"{self.num_samples} runs fewer: lower sweep.rung_min_trials or raise sweep.num_samples"
+            )
+        if self.scheduler == "asha" and self.told == "final" and n > self.trials_per_batch * self.planning_lag:
+            raise UserError(
+                f"sweep.rung_min_trials={n} with sweep.told=final would wait forever: the first {n} trials pause at "
+                f"the first rung, and batches after the first {self.trials_per_batch * self.planning_lag} trials "
+                "wait for them to end; set sweep.told=first_rung or rung_min_trials <= trials_per_batch x planning_lag"
             )
 
 

@@ -2,17 +2,21 @@
 earlier trials' results taken in that order, never of which trial reported first.
 
 - `BatchSearcher` plans trials in batches of `sweep.trials_per_batch`: batch k comes from a FRESH Optuna study whose
-  sampler is seeded from (seed, k), told every trial of batches <= k-2 (finished by then; value = the running best, as
-  OptunaSearch tells it) and shown the params of batch k-1 as running trials (TPE's constant liar steers away from
-  them). No sampler state is carried from batch to batch, so a resumed sweep plans exactly what an uninterrupted one
-  would. Batch k waits only for batch k-2, so batch k-1 keeps the slots busy meanwhile.
+  sampler is seeded from (seed, k), told every trial of batches <= k - L (L = `sweep.planning_lag`, 2 by default;
+  value = the running best, as OptunaSearch tells it: at the end of the trial, or with `sweep.told: first_rung` at
+  the first rung, the grace period) and shown the params of batches k - L + 1 .. k - 1 as running trials (TPE's
+  constant liar steers away from them). No sampler state is carried from batch to batch, so a resumed sweep plans
+  exactly what an uninterrupted one would. Batch k waits only for what batch k - L must tell, so the batches between
+  keep the slots busy meanwhile.
 - `OrderedScheduler` is successive halving with ASHA's rule (rungs, cutoff, reduction factor, max_t) applied as if
   trials had reported in trial-number order: trial i at a rung is compared with the rung values of all trials j < i that
   reached it. If some j < i has not yet reached or passed that rung, trial i PAUSEs (at the checkpoint it just
-  reported) until it has. It also decides which trial runs next: the lowest-numbered runnable one, at most
-  `sweep.max_concurrent_trials` at once. Tune hands that limit to the searcher (`set_max_concurrency`: the searcher
-  handles it, so Tune's ConcurrencyLimiter, which would count paused trials as running, stands aside) and still sizes
-  its queue of starting trials by it.
+  reported) until it has. The first `sweep.rung_min_trials` trials at a rung are judged together (synchronous
+  successive halving), so the first rung promotes only the best of a cohort, not whichever came first. It also
+  decides which trial runs next: the lowest-numbered runnable one, at most `sweep.max_concurrent_trials` at once.
+  Tune hands that limit to the searcher (`set_max_concurrency`: the searcher handles it, so Tune's
+  ConcurrencyLimiter, which would count paused trials as running, stands aside) and still sizes its queue of starting
+  trials by it.
 
 What both share (each trial's params and per-epoch tuning metric, whether it ended) lives in the searcher, because Tune
 checkpoints the searcher with every experiment snapshot and restores it on --resume; the scheduler keeps nothing that
@@ -69,40 +73,55 @@ def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> tuple[i
     return tuple(grace_period * reduction_factor**k for k in range(count))
 
 
-def rung_decision(records: list[TrialRecord], n: int, epoch: int, reduction_factor: int, sign: float) -> str | None:
+def rung_decision(
+    records: list[TrialRecord], n: int, epoch: int, reduction_factor: int, sign: float, min_trials: int = 1
+) -> str | None:
     """ASHA's decision for trial n at rung `epoch`, as if trials had reported in number order: STOP when its value is
-    below the (1 - 1/rf) quantile of the rung values of the trials before it, else CONTINUE. None while an earlier
-    trial has neither reported that epoch nor ended: the decision is not known yet. `sign` is +1 to maximise."""
-    earlier = []
-    for rec in records[:n]:
+    below the (1 - 1/rf) quantile of the rung values of the trials before it, else CONTINUE. The first `min_trials`
+    trials are judged together instead (`sweep.rung_min_trials`, successive halving's synchronous rule): each against
+    the rung values of all of them, itself included, so a rung never promotes a trial for lack of company. None while
+    a trial it is compared with has neither reported that epoch nor ended: the decision is not known yet. `sign` is +1
+    to maximise."""
+    together = n < min_trials
+    if together and len(records) < min_trials:
+        return None  # some of the trials judged together are not even started
+    values = []
+    for rec in records[:min_trials] if together else records[:n]:
         if epoch in rec.values:
-            earlier.append(sign * rec.values[epoch])
+            values.append(sign * rec.values[epoch])
         elif not rec.ended:
             return None
-    if not earlier:
+    if not values:
         return CONTINUE
-    cutoff = np.nanpercentile(earlier, (1 - 1 / reduction_factor) * 100)
+    cutoff = np.nanpercentile(values, (1 - 1 / reduction_factor) * 100)
     return STOP if sign * records[n].values[epoch] < cutoff else CONTINUE
 
 
-LAG = 2
-"""Batch k is planned from the trials of batches <= k - LAG: LAG - 1 batches run while the sampler waits for data."""
+def told_before(k: int, per_batch: int, lag: int) -> int:
+    """Batch k is planned from trials 0 .. told_before(k) - 1: the batches <= k - lag (`sweep.planning_lag`)."""
+    return max(0, (k - lag + 1) * per_batch)
 
 
-def told_before(k: int, per_batch: int) -> int:
-    """Batch k is planned from trials 0 .. told_before(k) - 1 (batches <= k - LAG), finished by then."""
-    return max(0, (k - LAG + 1) * per_batch)
+def told_rung(cfg: ExperimentConfig) -> int | None:
+    """The epoch whose value the sampler is told (`sweep.told: first_rung`: the grace period); None: the final one."""
+    return cfg.sweep.grace_period if cfg.sweep.told == "first_rung" else None
 
 
-def batch_gate_open(records: list[TrialRecord], k: int, per_batch: int) -> bool:
-    """Batch k may be planned once every trial of batches <= k - LAG has ended."""
-    return all(rec.ended for rec in records[: told_before(k, per_batch)])
-
-
-def final_value(rec: TrialRecord) -> float | None:
-    """What the sampler is told of a trial: its final value, the running best when it ended (None: failed, or not
-    ended: a record restored from a save made while it ran)."""
+def told_value(rec: TrialRecord, rung: int | None) -> float | None:
+    """What the sampler is told of a trial: its running best at epoch `rung` once reported there, else its final
+    value, the running best when it ended (None: failed, or not ended: a record restored from a save made while it
+    ran). A failure after the rung does not change what was told (the batch may have been planned before it)."""
+    if rung is not None and rung in rec.values:
+        return rec.values[rung]
     return rec.values[max(rec.values)] if rec.values and rec.ended and not rec.failed else None
+
+
+def batch_gate_open(records: list[TrialRecord], k: int, cfg: ExperimentConfig) -> bool:
+    """Batch k may be planned once every trial it is told has what it is told: it ended, or (sweep.told=first_rung)
+    it reported the first rung."""
+    rung, s = told_rung(cfg), cfg.sweep
+    told = records[: told_before(k, s.trials_per_batch, s.planning_lag)]
+    return all(rec.ended or (rung is not None and rung in rec.values) for rec in told)
 
 
 def plan_batch(
@@ -120,8 +139,9 @@ def plan_batch(
         optuna.logging.set_verbosity(verbosity)
     space = optuna_space(cfg)
     done, failed = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    rung = told_rung(cfg)
     for rec in finished:
-        value = final_value(rec)
+        value = told_value(rec, rung)
         trial = optuna.trial.create_trial(
             params=rec.params, distributions=space, value=value, state=done if value is not None else failed
         )
@@ -212,7 +232,7 @@ class BatchSearcher(Searcher):
         if self.wanted <= 0:
             return None  # no slot would take it yet; the params of trial n do not depend on when it is asked for
         k = n // per_batch
-        if k not in self.batches and not batch_gate_open(self.records, k, per_batch):
+        if k not in self.batches and not batch_gate_open(self.records, k, self.cfg):
             return None
         params = dict(self.planned(k)[n % per_batch])
         self.index[trial_id] = n
@@ -223,11 +243,12 @@ class BatchSearcher(Searcher):
 
     def planned(self, k: int) -> list[dict[str, Any]]:
         """The params of batch k, planned now unless they are known (a pure function of the seed and the trials of
-        batches <= k - LAG, all ended by the time its gate opened; after --resume, as the restored records hold
-        them)."""
+        batches <= k - planning_lag, told what they had when its gate opened; after --resume, as the restored records
+        hold them)."""
         if k not in self.batches:
-            finished = self.records[: told_before(k, self.cfg.sweep.trials_per_batch)]
-            running = [dict(p) for j in range(max(0, k - LAG + 1), k) for p in self.planned(j)]
+            s = self.cfg.sweep
+            finished = self.records[: told_before(k, s.trials_per_batch, s.planning_lag)]
+            running = [dict(p) for j in range(max(0, k - s.planning_lag + 1), k) for p in self.planned(j)]
             self.batches[k] = plan_batch(self.cfg, k, finished, running)
         return self.batches[k]
 
@@ -281,6 +302,7 @@ class OrderedScheduler(TrialScheduler):
         self.max_t = cfg.train.max_epochs
         self.rungs = rung_epochs(cfg.sweep.grace_period, cfg.sweep.reduction_factor, self.max_t) if self.halving else ()
         self.reduction_factor = cfg.sweep.reduction_factor
+        self.min_trials = cfg.sweep.rung_min_trials
         self.sign = 1.0 if cfg.train.mode == "max" else -1.0
         self.admitted: set[str] = set()  # chosen to run, not paused or ended since
 
@@ -298,7 +320,7 @@ class OrderedScheduler(TrialScheduler):
         n = s.index[trial.trial_id]
         if epoch not in s.records[n].values:
             return CONTINUE  # only if storage lost the searcher's newest state: train on rather than wait forever
-        return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign)
+        return rung_decision(s.records, n, epoch, self.reduction_factor, self.sign, self.min_trials)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         live = trial.status not in (Trial.TERMINATED, Trial.ERROR)

@@ -66,7 +66,7 @@ def config_key(params: dict[str, Any]) -> tuple:
     return tuple(sorted(params.items()))
 
 
-OWN_ASKS, RANDOM_ASKS = 10, 100
+OWN_ASKS, RANDOM_ASKS = 100, 100
 """`ask_new`'s draws from the study's sampler, then from a seeded random sampler, before it repeats a config."""
 
 

@@ -185,10 +185,12 @@ def describe(cfg: ExperimentConfig) -> dict[str, Any]:
     s = cfg.sweep
     budget = s.num_samples * cfg.train.max_epochs
     if s.deterministic:
+        told = "their first rung" if s.told == "first_rung" else "their end"
+        cohort = f" (the first {s.rung_min_trials} judged together)" if s.rung_min_trials > 1 else ""
         mode = (
-            f"deterministic: trials planned {s.trials_per_batch} at a time from finished trials in trial-number "
-            "order"
-            + (", early stopping decided in trial-number order" if s.scheduler == "asha" else "")
+            f"deterministic: trials planned {s.trials_per_batch} at a time, batch k told the trials of batches <= "
+            f"k-{s.planning_lag} at {told}, in trial-number order"
+            + (f", early stopping decided in trial-number order{cohort}" if s.scheduler == "asha" else "")
             + "; the same trials and metrics at any concurrency and timing"
         )
     else:

@@ -20,15 +20,18 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from lorahpo.config import ExperimentConfig, ParamSpec
+from lorahpo.errors import UserError
 from lorahpo.ordered import (
     CONTINUE,
     STOP,
     BatchSearcher,
     OrderedScheduler,
     TrialRecord,
+    batch_gate_open,
     plan_batch,
     rung_decision,
     rung_epochs,
+    told_value,
 )
 
 from .conftest import tiny_config
@@ -143,6 +146,90 @@ def test_rung_decision_waits_for_every_earlier_trial() -> None:
     recs[1].ended = True  # b ended before epoch 1 (e.g. failed): no longer awaited, not compared
     assert rung_decision(recs, 2, 1, 2, 1.0) == STOP
     assert rung_decision(recs, 2, 1, 2, -1.0) == CONTINUE  # minimising: 0.1 beats 0.5
+
+
+def test_the_first_trials_at_a_rung_are_judged_together() -> None:
+    """sweep.rung_min_trials=4, rf 2: trials 0-3 are each judged against all four rung values (median 0.6), so trial 0
+    (0.5) stops, where plain ASHA, comparing it with no one, lets it go on; later trials keep ASHA's rule."""
+    values = [0.5, 0.9, 0.2, 0.7, 0.6]
+    recs = [TrialRecord(f"t{i}", {}, {1: v}) for i, v in enumerate(values)]
+    assert rung_decision(recs[:3], 0, 1, 2, 1.0, min_trials=4) is None  # trial 3 not even started
+    waiting = [*recs[:3], TrialRecord("t3", {}, {})]
+    assert rung_decision(waiting, 0, 1, 2, 1.0, min_trials=4) is None  # started, not at the rung yet
+    together = [rung_decision(recs, n, 1, 2, 1.0, min_trials=4) for n in range(5)]
+    assert together == [STOP, CONTINUE, STOP, CONTINUE, CONTINUE]  # trial 4: 0.6 vs median(0.5, 0.9, 0.2, 0.7)
+    assert [rung_decision(recs, n, 1, 2, 1.0) for n in range(5)] == [CONTINUE, CONTINUE, STOP, CONTINUE, CONTINUE]
+    assert [rung_decision(recs, n, 1, 2, -1.0, min_trials=4) for n in range(4)] == [CONTINUE, STOP, CONTINUE, STOP]
+    waiting[3].ended = True  # trial 3 ended before the rung (failed): not awaited, not compared (median 0.5)
+    assert [rung_decision(waiting, n, 1, 2, 1.0, min_trials=4) for n in range(3)] == [CONTINUE, CONTINUE, STOP]
+
+
+def test_what_the_sampler_is_told_of_a_trial() -> None:
+    ended = TrialRecord("a", {}, {1: 0.6, 2: 0.8}, ended=True)
+    assert told_value(ended, None) == 0.8 and told_value(ended, 1) == 0.6
+    running = TrialRecord("b", {}, {1: 0.6})
+    assert told_value(running, None) is None and told_value(running, 1) == 0.6
+    failed = TrialRecord("c", {}, {1: 0.6}, ended=True, failed=True)  # failed after its first rung
+    assert told_value(failed, None) is None and told_value(failed, 1) == 0.6
+    stopped_early = TrialRecord("d", {}, {1: 0.3}, ended=True)  # ended before the rung at epoch 2
+    assert told_value(stopped_early, 2) == 0.3
+
+
+def test_the_gate_opens_at_the_first_rung_with_told_first_rung() -> None:
+    base = {"sweep.points_to_evaluate": "[]", "sweep.trials_per_batch": 1, "sweep.planning_lag": 1}
+    for told, gate_after in (("first_rung", "report"), ("final", "complete")):
+        cfg = cfg_for(**base, **{"sweep.told": told})
+        searcher = eager_searcher(cfg)
+        assert searcher.suggest("t0") is not None and searcher.suggest("t1") is None
+        searcher.on_trial_result("t0", {"epoch": 1, "best_val_fbeta": 0.5})
+        assert (searcher.suggest("t1") is not None) == (gate_after == "report"), told
+        assert batch_gate_open(searcher.records, 1, cfg) == (told == "first_rung")
+        searcher.on_trial_complete("t0", {"epoch": 2, "best_val_fbeta": 0.7})
+        assert batch_gate_open(searcher.records[:1], 1, cfg)
+    lag2 = cfg_for(**{**base, "sweep.planning_lag": 2, "sweep.told": "first_rung"})
+    searcher = eager_searcher(lag2)
+    assert searcher.suggest("t0") is not None and searcher.suggest("t1") is not None  # batch 1: told nothing
+    assert searcher.suggest("t2") is None  # batch 2 waits for trial 0's first rung
+    searcher.on_trial_result("t0", {"epoch": 1, "best_val_fbeta": 0.5})
+    assert searcher.suggest("t2") is not None
+
+
+V2 = {"sweep.trials_per_batch": 1, "sweep.planning_lag": 1, "sweep.told": "first_rung", "sweep.rung_min_trials": 4,
+      "sweep.reduction_factor": 4, "sweep.n_startup_trials": 2}  # fmt: skip
+
+
+def test_a_cohort_sweep_is_the_same_at_any_concurrency_and_timing() -> None:
+    cfg = cfg_for(**V2)
+    reference = simulate(cfg, scripted(0, "lr"), slots=1)
+    beyond_rung = [t.number for t in reference.trials if t.epochs > 1]
+    assert len([n for n in beyond_rung if n < 4]) == 1  # the cohort of 4 at rf 4: one goes on
+    assert {t.stop_reason for t in reference.trials} >= {"asha_stop", "max_epochs"}
+    for slots in (2, 3, 5):
+        for speed in ("lr", "inverse", "random"):
+            sim = simulate(cfg, scripted(slots, speed), slots=slots, start_overhead_s=1.0)
+            assert summary(sim) == summary(reference), (slots, speed)
+    plain = simulate(cfg_for(**{**V2, "sweep.rung_min_trials": 1}), scripted(0, "lr"), slots=1)
+    assert summary(plain) != summary(reference)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sweep.deterministic": False, "sweep.planning_lag": 1}, "for deterministic sweeps; set sweep.planning_lag=2"),
+        ({"sweep.rung_min_trials": 13}, "sweep.rung_min_trials=13 judges the first 13 trials together, but "
+         "sweep.num_samples=12 runs fewer"),
+        ({"sweep.rung_min_trials": 7}, "sweep.rung_min_trials=7 with sweep.told=final would wait forever"),
+        ({"sweep.planning_lag": 0}, "sweep.planning_lag"),
+    ],
+)  # fmt: skip
+def test_settings_that_could_never_run_are_refused(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        cfg_for(**overrides)
+    if "sweep.rung_min_trials" in overrides and overrides["sweep.rung_min_trials"] == 7:
+        cfg_for(**overrides, **{"sweep.told": "first_rung"})  # the cohort forms: trials wait at the rung only
+        cfg_for(**overrides, **{"sweep.trials_per_batch": 4})  # 7 <= 4 x 2: the first 8 trials are planned at once
+    if overrides.get("sweep.rung_min_trials") == 13:
+        cfg_for(**overrides, **{"sweep.scheduler": "fifo"})  # FIFO stops nothing: no cohort waits (a tabulation)
 
 
 def eager_searcher(cfg: ExperimentConfig) -> BatchSearcher:

@@ -277,6 +277,28 @@ def test_worker_killed_in_a_parallel_deterministic_sweep(det_reference: dict, tm
     assert local_record(tmp_path / "wkill") == reference
 
 
+V2_SWEEP = {"sweep.trials_per_batch": 2, "sweep.planning_lag": 1, "sweep.told": "first_rung",
+            "sweep.rung_min_trials": 4, "sweep.reduction_factor": 4, "sweep.n_startup_trials": 2}  # fmt: skip
+
+
+def test_search_v2_sweep_is_the_same_at_one_and_three_slots(tmp_path: Path) -> None:
+    """The search v2 settings (configs/intents.yaml's kind, scaled down) through real Ray: batch k planned once batch
+    k-1 has reported its first rung, the first 4 trials paused there until all 4 have, then judged together at rf 4
+    (one goes on). One and three trials at a time: the same trials, values and stop decisions."""
+    records = []
+    for slots in (1, 3):
+        name = f"v2_{slots}"
+        args = tiny_args(
+            tmp_path, **{**DET_SWEEP, **V2_SWEEP, "sweep.name": name, "sweep.max_concurrent_trials": slots}
+        )
+        run = cli(args)
+        assert run.returncode == 0, run.stderr[-3000:]
+        records.append(local_record(tmp_path / name))
+    cohort = [t["epochs"] for t in sorted(records[0]["trials"], key=lambda t: t["n"])[:4]]  # the first 4 trials
+    assert sorted(cohort) == [1, 1, 1, 2], cohort  # max_epochs 2: one rung, at epoch 1; 4 judged together at rf 4
+    assert records[1] == records[0]
+
+
 def test_worker_killed_mid_epoch_is_retried_from_checkpoint(tmp_path: Path, procs: list) -> None:
     config = write_config(
         tmp_path / "c.yaml",
