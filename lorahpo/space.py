@@ -67,7 +67,9 @@ def config_key(params: dict[str, Any]) -> tuple:
 
 
 OWN_ASKS, RANDOM_ASKS = 100, 100
-"""`ask_new`'s draws from the study's sampler, then from a seeded random sampler, before it repeats a config."""
+"""`ask_new`'s draws from the study's sampler, then from a seeded random sampler, before it repeats a config. Once
+TPE has been told a few dozen trials its favourites are often tried already, and its later draws are still its ranking
+of the untried configs, better than a random one (docs/benchmarks.md, section 8h; it was 10)."""
 
 
 def ask_new(
