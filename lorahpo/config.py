@@ -249,7 +249,9 @@ class SweepConfig:
     def check_batches(self) -> None:
         """The deterministic planner's keys: refused where they would never run (an asynchronous sweep) or where the
         first rung's cohort could never form."""
-        own = {"planning_lag": 2, "told": "final", "rung_min_trials": 1}
+        own = {
+            f.name: f.default for f in dataclasses.fields(self) if f.name in ("planning_lag", "told", "rung_min_trials")
+        }
         if not self.deterministic and any(getattr(self, k) != v for k, v in own.items()):
             keys = ", ".join(f"sweep.{k}={v}" for k, v in own.items())
             raise UserError(f"sweep.planning_lag, told and rung_min_trials are for deterministic sweeps; set {keys}")
